@@ -1,0 +1,3 @@
+"""atkd-cache: distil autoregressive LMs from an offline teacher cache."""
+
+__version__ = "0.1.0"

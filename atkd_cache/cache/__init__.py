@@ -1,0 +1,16 @@
+"""The cache format: schema (card, arrays), writer, reader, integrity checks."""
+
+from atkd_cache.cache.reader import Cache, CachedSequence, open_cache
+from atkd_cache.cache.schema import FORMAT_NAME, FORMAT_VERSION, CacheCard
+from atkd_cache.cache.writer import CacheWriter, SequenceRecord
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Cache",
+    "CacheCard",
+    "CacheWriter",
+    "CachedSequence",
+    "SequenceRecord",
+    "open_cache",
+]

@@ -1,0 +1,164 @@
+"""Reads a cache: the card, the manifest, sequences by index, and batches of sequences.
+
+Works on a local path or any fsspec URL zarr can open (file://, memory://, s3:// ...).
+Only shards listed in the manifest are read. Shards are loaded whole (they are the unit of
+I/O and of compression) and the most recent one is kept for random access.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from atkd_cache.cache.schema import (
+    ALL_ARRAYS,
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA,
+    SHARDS_GROUP,
+    CacheCard,
+)
+from atkd_cache.errors import UserError
+
+
+@dataclass
+class CachedSequence:
+    """One sequence of a cache. Position t predicts input_ids[t + 1]; the teacher arrays hold
+    one row per supervised position, i.e. per t with supervised[t] true, in increasing t."""
+
+    index: int
+    seq_id: int
+    input_ids: np.ndarray  # [n]
+    supervised: np.ndarray  # [n - 1] bool
+    target_logprob: np.ndarray  # [m]
+    topk_ids: np.ndarray  # [m, k]
+    topk_logprobs: np.ndarray  # [m, k]
+    entropy: np.ndarray  # [m]
+    uncertainty: np.ndarray  # [m]
+    hard: np.ndarray  # [m] bool
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        """The actual next token of each supervised position."""
+        return self.input_ids[1:][self.supervised]
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+class Cache:
+    """An opened cache. `open_cache` is the way to get one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        if not _is_url(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"{self.path} does not exist or is not a folder: give a cache path")
+        try:
+            self.root = zarr.open_group(self.path, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+            raise UserError(f"{self.path} is not an atkd-cache cache (no Zarr root group)") from None
+        self.card = CacheCard.from_attrs(dict(self.root.attrs), where=self.path)
+        self.manifest = self._read_manifest()
+        rows = self.manifest.to_pylist()
+        self.shard_rows = rows
+        self._starts = [r["first_sequence"] for r in rows]
+        self.num_sequences = sum(r["num_sequences"] for r in rows)
+        self.num_tokens = sum(r["num_tokens"] for r in rows)
+        self.num_positions = sum(r["num_positions"] for r in rows)
+        self.num_supervised = sum(r["num_supervised"] for r in rows)
+        self.num_hard = sum(r["num_hard"] for r in rows)
+        self.num_bytes = sum(r["bytes"] for r in rows)
+        self._loaded: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def _read_manifest(self):
+        url = _join(self.path, MANIFEST_FILE)
+        try:
+            if _is_url(self.path):
+                import fsspec
+
+                with fsspec.open(url, "rb") as f:
+                    return pq.read_table(f)
+            if not os.path.exists(url):
+                return MANIFEST_SCHEMA.empty_table()
+            return pq.read_table(url)
+        except FileNotFoundError:
+            return MANIFEST_SCHEMA.empty_table()
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        """All arrays of one shard, decoded (checksums are verified by zarr on read)."""
+        if self._loaded is not None and self._loaded[0] == shard:
+            return self._loaded[1]
+        group = self.root[SHARDS_GROUP][self.shard_rows[shard]["shard"]]
+        arrays = {name: group[name][...] for name in ALL_ARRAYS}
+        self._loaded = (shard, arrays)
+        return arrays
+
+    def _sequence_from(self, arrays: dict, shard: int, local: int) -> CachedSequence:
+        t0, t1 = arrays["token_offsets"][local : local + 2]
+        s0, s1 = arrays["sup_offsets"][local : local + 2]
+        p0, p1 = t0 - local, t1 - local - 1  # each sequence has n - 1 positions
+        return CachedSequence(
+            index=self.shard_rows[shard]["first_sequence"] + local,
+            seq_id=int(arrays["seq_ids"][local]),
+            input_ids=arrays["input_ids"][t0:t1],
+            supervised=arrays["supervised"][p0:p1],
+            target_logprob=arrays["target_logprob"][s0:s1],
+            topk_ids=arrays["topk_ids"][s0:s1],
+            topk_logprobs=arrays["topk_logprobs"][s0:s1],
+            entropy=arrays["entropy"][s0:s1],
+            uncertainty=arrays["uncertainty"][s0:s1],
+            hard=arrays["hard"][s0:s1],
+        )
+
+    def __getitem__(self, index: int) -> CachedSequence:
+        """Random access by sequence index (0 .. len - 1, in cache order)."""
+        if index < 0:
+            index += self.num_sequences
+        if not 0 <= index < self.num_sequences:
+            raise IndexError(f"sequence {index} out of range (cache has {self.num_sequences})")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        local = index - self._starts[shard]
+        return self._sequence_from(self.shard_arrays(shard), shard, local)
+
+    def __iter__(self) -> Iterator[CachedSequence]:
+        """All sequences in cache order, one shard in memory at a time."""
+        for shard, row in enumerate(self.shard_rows):
+            arrays = self.shard_arrays(shard)
+            for local in range(row["num_sequences"]):
+                yield self._sequence_from(arrays, shard, local)
+
+    def batches(self, batch_size: int) -> Iterator[list[CachedSequence]]:
+        """Consecutive lists of `batch_size` sequences (the last may be shorter)."""
+        batch: list[CachedSequence] = []
+        for seq in self:
+            batch.append(seq)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def column(self, name: str) -> np.ndarray:
+        """One array concatenated over every shard (e.g. "uncertainty" for summaries)."""
+        parts = [
+            self.root[SHARDS_GROUP][row["shard"]][name][...] for row in self.shard_rows
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache at a local path or fsspec URL for reading."""
+    return Cache(path)

@@ -1,0 +1,169 @@
+"""Cache format v1: the cache card and the per-shard arrays. docs/cache-format.md is the spec.
+
+Layout of a cache directory (a Zarr v3 hierarchy plus one Parquet file):
+
+    CACHE/zarr.json              root group; its attributes are the cache card
+    CACHE/shards/zarr.json       group holding the committed shards
+    CACHE/shards/shard-000000/   one Zarr group per shard (arrays below)
+    CACHE/manifest.parquet       the committed shards, in order; readers trust only this
+    CACHE/.lock                  held (flock) by the one writer while it runs
+    CACHE/.tmp/                  shards being written; never read
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from atkd_cache.errors import UserError
+
+FORMAT_NAME = "atkd-cache"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.parquet"
+SHARDS_GROUP = "shards"
+TMP_DIR = ".tmp"
+LOCK_FILE = ".lock"
+
+# Per-sequence arrays have one row per sequence (+1 for offsets); per-token arrays one row per
+# token of every sequence; per-position arrays one row per *supervised* position (see docs).
+SEQUENCE_ARRAYS = ("seq_ids", "token_offsets", "sup_offsets")
+TOKEN_ARRAYS = ("input_ids",)
+POSITION_MASK_ARRAYS = ("supervised",)
+SUPERVISED_ARRAYS = (
+    "target_logprob",
+    "topk_ids",
+    "topk_logprobs",
+    "entropy",
+    "uncertainty",
+    "hard",
+)
+ALL_ARRAYS = SEQUENCE_ARRAYS + TOKEN_ARRAYS + POSITION_MASK_ARRAYS + SUPERVISED_ARRAYS
+
+# One manifest row per committed shard, in order; sha256_<array> checksums the decoded array.
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("index", pa.int64()),
+        ("first_sequence", pa.int64()),
+        ("num_sequences", pa.int64()),
+        ("first_seq_id", pa.int64()),
+        ("num_tokens", pa.int64()),
+        ("num_positions", pa.int64()),
+        ("num_supervised", pa.int64()),
+        ("num_hard", pa.int64()),
+        ("bytes", pa.int64()),
+    ]
+    + [(f"sha256_{name}", pa.string()) for name in ALL_ARRAYS]
+)
+
+
+
+# Rows per chunk along the first axis. One chunk of a k=64 shard is ~16 MiB decoded; big
+# chunks compress better and are read whole by the streaming loader anyway.
+CHUNK_ROWS = 131072
+
+
+def ids_dtype(logits_width: int) -> np.dtype:
+    """Smallest unsigned dtype holding every token id of a model with this logits width."""
+    return np.dtype("<u2") if logits_width <= 2**16 else np.dtype("<u4")
+
+
+def array_dtypes(logits_width: int, logprob_dtype: str) -> dict[str, np.dtype]:
+    """The dtype of every shard array for a cache with these parameters."""
+    ids = ids_dtype(logits_width)
+    return {
+        "seq_ids": np.dtype("<i8"),
+        "token_offsets": np.dtype("<i8"),
+        "sup_offsets": np.dtype("<i8"),
+        "input_ids": ids,
+        "supervised": np.dtype("bool"),
+        "target_logprob": np.dtype("<f4"),
+        "topk_ids": ids,
+        "topk_logprobs": np.dtype(logprob_dtype).newbyteorder("<"),
+        "entropy": np.dtype("<f4"),
+        "uncertainty": np.dtype("<f4"),
+        "hard": np.dtype("bool"),
+    }
+
+
+def array_codecs(name: str) -> list:
+    """Compressors for one array: Blosc-zstd with a shuffle chosen per array, then crc32c.
+
+    Chosen by measurement (benchmarks/bench_codecs.py, docs/benchmarks.md): byte shuffle
+    wins on float log-probs and on ids; bit shuffle wins on booleans.
+    """
+    shuffle = BloscShuffle.bitshuffle if name in ("supervised", "hard") else BloscShuffle.shuffle
+    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
+
+
+@dataclass
+class CacheCard:
+    """What a cache is: everything needed to trust, reuse and reproduce it.
+
+    Stored as the attributes of the root Zarr group. Two runs with equal cards (ignoring
+    `created_at`) produce the same arrays, which is what resume relies on.
+    """
+
+    teacher_id: str
+    teacher_revision: str | None
+    teacher_weights_hash: str
+    teacher_dtype: str
+    tokenizer_fingerprint: str
+    tokenizer_vocab_size: int
+    logits_width: int
+    top_k: int
+    temperature: float
+    data_source: str
+    data_split: str | None
+    data_shape: str  # "text" | "prompt_response" | "chat"
+    data_fields: dict[str, str]
+    data_template: str | None
+    data_limit: int | None
+    data_fingerprint: str
+    max_length: int | None
+    label_rule: str
+    hard_ratio: float
+    backend: str
+    # For each stored quantity: "exact", or "bound" when a backend cannot compute it exactly.
+    exactness: dict[str, str]
+    logprob_dtype: str
+    shard_positions: int
+    tool_version: str
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # Fields allowed to differ between a cache and a run that resumes it.
+    VOLATILE = ("created_at",)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The card as JSON-able Zarr attributes."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str = "cache") -> CacheCard:
+        """Parse root-group attributes; refuse non-caches and newer format versions."""
+        if attrs.get("format") != FORMAT_NAME:
+            raise UserError(f"{where} is not an atkd-cache cache (its root group has no card)")
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(
+                f"{where} was written by a newer atkd-cache (format version {version}; this "
+                f"version reads up to {FORMAT_VERSION}): upgrade atkd-cache"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in attrs.items() if k in names})
+
+    def first_difference(self, other: CacheCard) -> tuple[str, Any, Any] | None:
+        """The first field (other than volatile ones) where two cards differ, if any."""
+        mine, theirs = self.to_attrs(), other.to_attrs()
+        for key in mine:
+            if key not in self.VOLATILE and mine[key] != theirs.get(key):
+                return key, mine[key], theirs.get(key)
+        return None

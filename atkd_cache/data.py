@@ -1,0 +1,239 @@
+"""Input data: load rows with `datasets`, tokenize them into sequences with a supervised mask.
+
+Three shapes of data:
+  text             every next-token position is supervised;
+  prompt_response  the template renders the prompt, the response (+ EOS) is appended; only
+                   positions whose next token is in the response are supervised;
+  chat             the tokenizer's chat template renders the messages; only positions whose
+                   next token lies in an assistant turn (including its end-of-turn tokens)
+                   are supervised.
+Order is the dataset's order; `seq_id` is the example's row index in the loaded split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from atkd_cache.errors import UserError
+
+FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+}
+DEFAULT_TEMPLATE = "{prompt}"
+
+
+@dataclass
+class DataSpec:
+    """Where the examples come from and how to turn them into token sequences."""
+
+    source: str
+    split: str = "train"
+    text_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    template: str | None = None
+    messages_field: str | None = None
+    max_length: int | None = None
+    limit: int | None = None
+
+    @property
+    def shape(self) -> str:
+        """Which of the three data shapes this spec selects."""
+        if self.messages_field:
+            return "chat"
+        if self.prompt_field or self.response_field:
+            return "prompt_response"
+        return "text"
+
+    def fields(self) -> dict[str, str]:
+        """The dataset fields this spec reads."""
+        names = {
+            "text": self.text_field,
+            "prompt": self.prompt_field,
+            "response": self.response_field,
+            "messages": self.messages_field,
+        }
+        return {k: v for k, v in names.items() if v}
+
+
+@dataclass
+class TokenizedSequence:
+    """One example as token ids; supervised[t] says whether position t (predicting
+    input_ids[t + 1]) is trained on."""
+
+    seq_id: int
+    input_ids: np.ndarray  # [n] int64
+    supervised: np.ndarray  # [n - 1] bool
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenization did, for the summary and the card."""
+
+    examples: int = 0
+    sequences: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0
+    tokens: int = 0
+    supervised: int = 0
+    fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def load_rows(spec: DataSpec):
+    """Load the split as a `datasets.Dataset` (local file, save_to_disk folder, or hub name)."""
+    import datasets
+
+    src = spec.source
+    try:
+        if os.path.isdir(src) and (
+            os.path.exists(os.path.join(src, "dataset_info.json"))
+            or os.path.exists(os.path.join(src, "state.json"))
+            or os.path.exists(os.path.join(src, "dataset_dict.json"))
+        ):
+            ds = datasets.load_from_disk(src)
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.split not in ds:
+                    raise UserError(
+                        f"split {spec.split!r} not in {src} (has {', '.join(ds)}); pass --split"
+                    )
+                ds = ds[spec.split]
+        elif os.path.isfile(src):
+            ext = os.path.splitext(src)[1].lower()
+            if ext not in FILE_BUILDERS:
+                raise UserError(
+                    f"cannot read {src}: use a .json, .jsonl, .parquet, .csv or .txt file, "
+                    f"a save_to_disk folder, or a hub dataset name"
+                )
+            ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=src, split="train")
+        elif os.path.splitext(src)[1].lower() in FILE_BUILDERS or src.startswith((".", "/", "~")):
+            raise UserError(f"data file {src} does not exist")
+        else:
+            ds = datasets.load_dataset(src, split=spec.split)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable input
+        raise UserError(f"cannot load dataset {src}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise UserError(f"dataset {src} has no examples")
+    for name in spec.fields().values():
+        if name not in ds.column_names:
+            raise UserError(
+                f"field {name!r} is not in dataset {src} (columns: "
+                f"{', '.join(ds.column_names)}); pick one with the --*-field options"
+            )
+    if spec.shape == "prompt_response" and not (spec.prompt_field and spec.response_field):
+        raise UserError("prompt/response data needs both --prompt-field and --response-field")
+    if spec.shape == "text" and not spec.text_field:
+        if "text" not in ds.column_names:
+            raise UserError(
+                f"no text field given and dataset {src} has no 'text' column (columns: "
+                f"{', '.join(ds.column_names)}); pass --text-field, --prompt-field/"
+                f"--response-field or --messages-field"
+            )
+        spec.text_field = "text"
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    return ds
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _text_example(tokenizer, row: dict, spec: DataSpec) -> tuple[list[int], list[bool]]:
+    ids = _encode(tokenizer, str(row[spec.text_field]), special=True)
+    return ids, [True] * len(ids)
+
+
+def _prompt_response_example(tokenizer, row: dict, spec: DataSpec) -> tuple[list[int], list[bool]]:
+    template = spec.template or DEFAULT_TEMPLATE
+    prompt = template.format(prompt=row[spec.prompt_field])
+    p = _encode(tokenizer, prompt, special=True)
+    r = _encode(tokenizer, str(row[spec.response_field]), special=False)
+    if tokenizer.eos_token_id is not None:
+        r = r + [tokenizer.eos_token_id]
+    return p + r, [False] * len(p) + [True] * len(r)
+
+
+def _chat_example(tokenizer, row: dict, spec: DataSpec) -> tuple[list[int], list[bool]]:
+    messages = row[spec.messages_field]
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
+        raise UserError(
+            f"field {spec.messages_field!r} must hold a list of {{role, content}} messages"
+        )
+    render = tokenizer.apply_chat_template
+    full = render(messages, tokenize=False)
+    # Character spans of assistant turns: what the template adds for turn i, after the
+    # generation prompt for it, up to the end of the rendering of messages[: i + 1].
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = render(messages[: i + 1], tokenize=False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise UserError(
+                "the tokenizer's chat template does not render conversations incrementally, "
+                "so assistant turns cannot be located; use prompt/response fields instead"
+            )
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+SHAPES = {
+    "text": _text_example,
+    "prompt_response": _prompt_response_example,
+    "chat": _chat_example,
+}
+
+
+def tokenize_rows(rows, tokenizer, spec: DataSpec) -> tuple[list[TokenizedSequence], TokenizeStats]:
+    """Tokenize every row; drop sequences without a supervised position (counted)."""
+    if spec.shape == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the tokenizer has no chat template: give --messages-field only with a chat "
+            "tokenizer, or use --prompt-field/--response-field"
+        )
+    build = SHAPES[spec.shape]
+    stats = TokenizeStats()
+    digest = hashlib.sha256()
+    out: list[TokenizedSequence] = []
+    for seq_id, row in enumerate(rows):
+        stats.examples += 1
+        ids, token_mask = build(tokenizer, row, spec)
+        if spec.max_length is not None and len(ids) > spec.max_length:
+            ids, token_mask = ids[: spec.max_length], token_mask[: spec.max_length]
+            stats.truncated += 1
+        # position t is supervised when its next token x_{t+1} is
+        supervised = np.asarray(token_mask[1:], dtype=bool)
+        if len(ids) < 2 or not supervised.any():
+            stats.dropped_empty += 1
+            continue
+        seq = TokenizedSequence(seq_id, np.asarray(ids, dtype=np.int64), supervised)
+        digest.update(np.int64(seq_id).tobytes())
+        digest.update(seq.input_ids.tobytes())
+        digest.update(np.packbits(supervised).tobytes())
+        out.append(seq)
+        stats.tokens += len(ids)
+        stats.supervised += int(supervised.sum())
+    stats.sequences = len(out)
+    stats.fingerprint = digest.hexdigest()
+    if not out:
+        raise UserError(
+            f"no example of {spec.source} has a supervised token after tokenization "
+            f"({stats.examples} examples read): check the fields and --max-length"
+        )
+    return out, stats

@@ -1,0 +1,253 @@
+"""`dump-teacher`: data -> tokenized sequences -> teacher pass -> committed cache shards.
+
+Sequences keep the dataset's order. They are cut into shard windows of about
+`shard_positions` supervised positions; the cut points depend only on the data and the
+settings, so a re-run resumes at the first window not yet in the manifest and produces the
+same shards as an uninterrupted run. Inside a window, sequences are sorted by length into
+batches (less padding); results are put back in order before the shard is written, on a
+background thread so that the teacher never waits on compression.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from tqdm.auto import tqdm
+
+from atkd_cache import __version__
+from atkd_cache.cache.schema import CacheCard
+from atkd_cache.cache.writer import CacheWriter, SequenceRecord
+from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
+from atkd_cache.errors import UserError
+from atkd_cache.fingerprint import tokenizer_fingerprint, tokenizer_vocab_size, weights_hash
+from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
+from atkd_cache.split import hard_labels_np
+
+LABEL_RULE = "per-sequence: hard = UNC >= sorted_UNC[floor((n-1)(1-hard_ratio))]"
+LOGPROB_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class DumpConfig:
+    """Everything `dump-teacher` needs; the CLI fills it from flags."""
+
+    model: str
+    data: DataSpec
+    output: str
+    tokenizer: str | None = None
+    revision: str | None = None
+    top_k: int = 32
+    hard_ratio: float = 0.5
+    dtype: str = "bf16"
+    device: str = "cpu"
+    batch_size: int | None = 8
+    batch_tokens: int | None = None
+    shard_positions: int = 262_144
+    logprob_dtype: str = "float16"
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DumpSummary:
+    """What a dump did (printed as the final line)."""
+
+    sequences: int
+    tokens: int
+    supervised: int
+    new_sequences: int
+    truncated: int
+    dropped: int
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        """One human line: sequences, tokens, bytes on disk, bytes/token, wall time."""
+        per = self.bytes / max(1, self.supervised)
+        return (
+            f"cache: {self.sequences} sequences, {self.tokens} tokens ({self.supervised} "
+            f"supervised), {self.bytes / 1e6:.2f} MB on disk, {per:.1f} bytes/supervised token; "
+            f"{self.new_sequences} sequences written in {self.seconds:.1f}s; "
+            f"{self.truncated} truncated, {self.dropped} without supervised tokens dropped"
+        )
+
+
+def plan_windows(seqs: list[TokenizedSequence], shard_positions: int) -> list[tuple[int, int]]:
+    """Cut the sequence list into [start, end) windows of >= shard_positions supervised
+    positions (the last may be smaller)."""
+    windows, start, acc = [], 0, 0
+    for i, s in enumerate(seqs):
+        acc += int(s.supervised.sum())
+        if acc >= shard_positions:
+            windows.append((start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(seqs):
+        windows.append((start, len(seqs)))
+    return windows
+
+
+def length_batches(
+    lengths: list[int], batch_size: int | None, batch_tokens: int | None
+) -> list[list[int]]:
+    """Group indices into batches, longest first, by a sequence count or a padded-token budget
+    (batch count x longest length <= batch_tokens; a longer single sequence gets its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur:
+            full_by_count = batch_size is not None and len(cur) >= batch_size
+            full_by_tokens = batch_tokens is not None and (len(cur) + 1) * lengths[cur[0]] > batch_tokens
+            if full_by_count or full_by_tokens:
+                batches.append(cur)
+                cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def build_card(cfg: DumpConfig, model, tokenizer, data_fingerprint: str) -> CacheCard:
+    """The cache card for this configuration."""
+    spec = cfg.data
+    revision = cfg.revision or getattr(model.config, "_commit_hash", None)
+    return CacheCard(
+        teacher_id=cfg.model,
+        teacher_revision=revision,
+        teacher_weights_hash=weights_hash(cfg.model),
+        teacher_dtype=cfg.dtype,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_vocab_size=tokenizer_vocab_size(tokenizer),
+        logits_width=logits_width(model),
+        top_k=cfg.top_k,
+        temperature=1.0,
+        data_source=spec.source,
+        data_split=spec.split,
+        data_shape=spec.shape,
+        data_fields=spec.fields(),
+        data_template=spec.template,
+        data_limit=spec.limit,
+        data_fingerprint="sha256:" + data_fingerprint,
+        max_length=spec.max_length,
+        label_rule=LABEL_RULE,
+        hard_ratio=cfg.hard_ratio,
+        backend="hf",
+        exactness={
+            q: "exact"
+            for q in ("topk", "target_logprob", "entropy", "uncertainty", "hard")
+        },
+        logprob_dtype=cfg.logprob_dtype,
+        shard_positions=cfg.shard_positions,
+        tool_version=__version__,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def validate(cfg: DumpConfig) -> None:
+    """Refuse impossible settings before anything expensive happens."""
+    if cfg.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {cfg.top_k}")
+    if not 0.0 <= cfg.hard_ratio <= 1.0:
+        raise UserError(f"--hard-ratio must be in [0, 1], got {cfg.hard_ratio}")
+    if cfg.logprob_dtype not in LOGPROB_DTYPES:
+        raise UserError(f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}")
+    if cfg.batch_size is None and cfg.batch_tokens is None:
+        raise UserError("give --batch-size or --batch-tokens")
+    if cfg.data.max_length is not None and cfg.data.max_length < 2:
+        raise UserError("--max-length must be at least 2 (one position needs two tokens)")
+
+
+def records_for_window(
+    model, seqs: list[TokenizedSequence], cfg: DumpConfig, pad_id: int, on_batch=None
+) -> list[SequenceRecord]:
+    """Teacher outputs for a window of sequences, in the window's order."""
+    from atkd_cache.teacher.hf import teacher_outputs
+
+    results: list[dict | None] = [None] * len(seqs)
+    lengths = [len(s.input_ids) for s in seqs]
+    for batch in length_batches(lengths, cfg.batch_size, cfg.batch_tokens):
+        outs = teacher_outputs(model, [seqs[i] for i in batch], cfg.top_k, pad_id)
+        for i, o in zip(batch, outs, strict=True):
+            results[i] = o
+        if on_batch is not None:
+            on_batch(sum(lengths[i] for i in batch))
+    records = []
+    for s, o in zip(seqs, results, strict=True):
+        records.append(
+            SequenceRecord(
+                seq_id=s.seq_id,
+                input_ids=s.input_ids,
+                supervised=s.supervised,
+                hard=hard_labels_np(o["uncertainty"], cfg.hard_ratio),
+                **o,
+            )
+        )
+    return records
+
+
+def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
+    """Run the teacher over the data into the cache at cfg.output (resuming if it exists)."""
+    import torch
+
+    validate(cfg)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+    rows = load_rows(cfg.data)
+    seqs, stats = tokenize_rows(rows, tokenizer, cfg.data)
+    model = load_causal_lm(
+        cfg.model, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code
+    )
+    width = logits_width(model)
+    if cfg.top_k > width:
+        raise UserError(
+            f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({width} logits): lower it"
+        )
+    too_big = max(int(s.input_ids.max()) for s in seqs)
+    if too_big >= width:
+        raise UserError(
+            f"token id {too_big} is outside the teacher's {width} logits: the tokenizer does "
+            f"not belong to this model"
+        )
+    card = build_card(cfg, model, tokenizer, stats.fingerprint)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    windows = plan_windows(seqs, cfg.shard_positions)
+    torch.set_grad_enabled(False)
+
+    with CacheWriter(cfg.output, card) as writer, ThreadPoolExecutor(1) as pool:
+        done = writer.committed
+        for row, (start, end) in zip(done, windows, strict=False):
+            if row["first_sequence"] != start or row["num_sequences"] != end - start:
+                raise UserError(
+                    f"{cfg.output} has shards that do not match this run's shard plan: "
+                    "use a new output folder"
+                )
+        todo = windows[len(done) :]
+        remaining = sum(len(s.input_ids) for a, b in todo for s in seqs[a:b])
+        if done:
+            log(f"resuming after {len(done)} committed shards ({writer.num_committed_sequences} "
+                f"sequences)")
+        bar = tqdm(total=remaining, unit="tok", unit_scale=True, disable=not cfg.progress,
+                   desc="teacher pass", dynamic_ncols=True)
+        pending: Future | None = None
+        for start, end in todo:
+            records = records_for_window(model, seqs[start:end], cfg, pad_id, bar.update)
+            if pending is not None:
+                pending.result()  # at most one shard waits to be written
+            pending = pool.submit(writer.write_shard, records, start)
+        if pending is not None:
+            pending.result()
+        bar.close()
+        committed = writer.committed
+    return DumpSummary(
+        sequences=sum(r["num_sequences"] for r in committed),
+        tokens=sum(r["num_tokens"] for r in committed),
+        supervised=sum(r["num_supervised"] for r in committed),
+        new_sequences=sum(b - a for a, b in todo),
+        truncated=stats.truncated,
+        dropped=stats.dropped_empty,
+        bytes=sum(r["bytes"] for r in committed),
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,74 @@
+"""Loading Hugging Face causal LMs and tokenizers from a folder, a hub id, or a .gguf file."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from atkd_cache.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def split_gguf(path: str) -> tuple[str, str | None]:
+    """('folder', 'file.gguf') for a .gguf path, else (path, None)."""
+    if path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+def _check_exists(path: str, what: str) -> None:
+    local_looking = path.startswith((".", "/", "~")) or path.endswith(".gguf")
+    if local_looking and not os.path.exists(path):
+        raise UserError(f"{what} {path} does not exist: give a model folder, .gguf file or hub id")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """AutoTokenizer from a folder, hub id or .gguf file."""
+    from transformers import AutoTokenizer
+
+    _check_exists(path, "tokenizer path")
+    folder, gguf = split_gguf(path)
+    try:
+        return AutoTokenizer.from_pretrained(
+            folder, gguf_file=gguf, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # transformers raises OSError/ValueError/ImportError variously
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_causal_lm(
+    path: str,
+    dtype: str = "bf16",
+    device: str = "cpu",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """AutoModelForCausalLM in eval mode on `device`, weights in `dtype` (bf16/fp16/fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_exists(path, "model path")
+    folder, gguf = split_gguf(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=gguf,
+            dtype=DTYPES[dtype],
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as e:
+        raise UserError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from None
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"cannot use device {device!r}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def logits_width(model) -> int:
+    """Number of logits the model produces per position (may exceed the tokenizer's vocab)."""
+    return int(model.get_output_embeddings().weight.shape[0])

@@ -1,0 +1,1 @@
+"""The `atkd-cache` command line (installed as atkd_cache.cli): parse, call, print."""
