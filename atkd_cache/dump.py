@@ -100,7 +100,8 @@ def length_batches(
     for i in order:
         if cur:
             full_by_count = batch_size is not None and len(cur) >= batch_size
-            full_by_tokens = batch_tokens is not None and (len(cur) + 1) * lengths[cur[0]] > batch_tokens
+            padded = (len(cur) + 1) * lengths[cur[0]]
+            full_by_tokens = batch_tokens is not None and padded > batch_tokens
             if full_by_count or full_by_tokens:
                 batches.append(cur)
                 cur = []

@@ -48,7 +48,7 @@ def main() -> None:
 @click.option("--response-field", default=None, help="Prompt/response: response column.")
 @click.option("--template", default=None, help="Prompt template with {prompt}.")
 @click.option("--messages-field", default=None, help="Chat: list of {role, content}.")
-@click.option("--max-length", type=int, default=None, help="Truncate sequences to this many tokens.")
+@click.option("--max-length", type=int, default=None, help="Truncate to N tokens.")
 @click.option("--limit", type=int, default=None, help="Use only the first N examples.")
 @click.option("--top-k", type=int, default=32, show_default=True)
 @click.option("--hard-ratio", type=float, default=0.5, show_default=True)

@@ -66,7 +66,8 @@ class Cache:
         try:
             self.root = zarr.open_group(self.path, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
-            raise UserError(f"{self.path} is not an atkd-cache cache (no Zarr root group)") from None
+            msg = f"{self.path} is not an atkd-cache cache (no Zarr root group)"
+            raise UserError(msg) from None
         self.card = CacheCard.from_attrs(dict(self.root.attrs), where=self.path)
         self.manifest = self._read_manifest()
         rows = self.manifest.to_pylist()
