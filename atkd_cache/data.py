@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from atkd_cache.errors import UserError
+from atkd_cache.errors import UserError, first_line
 
 FILE_BUILDERS = {
     ".json": "json",
@@ -121,7 +121,7 @@ def load_rows(spec: DataSpec):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input
-        raise UserError(f"cannot load dataset {src}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load dataset {src}: {first_line(e)}") from None
     if len(ds) == 0:
         raise UserError(f"dataset {src} has no examples")
     for name in spec.fields().values():

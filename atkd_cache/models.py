@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from atkd_cache.errors import UserError
+from atkd_cache.errors import UserError, first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,7 +35,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
             folder, gguf_file=gguf, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # transformers raises OSError/ValueError/ImportError variously
-        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load a tokenizer from {path}: {first_line(e)}") from None
 
 
 def load_causal_lm(
@@ -61,11 +61,11 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
         )
     except Exception as e:
-        raise UserError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load a causal LM from {path}: {first_line(e)}") from None
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"cannot use device {device!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot use device {device!r}: {first_line(e)}") from None
     return model.eval()
 
 

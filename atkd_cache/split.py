@@ -38,8 +38,9 @@ def hard_labels(uncertainty: torch.Tensor, hard_ratio: float) -> torch.Tensor:
     n = uncertainty.shape[0]
     if n == 0 or hard_ratio == 0.0:
         return torch.zeros(n, dtype=torch.bool, device=uncertainty.device)
-    t = torch.kthvalue(uncertainty.float().cpu(), threshold_index(n, hard_ratio) + 1).values
-    return uncertainty >= t.to(uncertainty.device, uncertainty.dtype)
+    # kthvalue returns one of the input values, so the comparison below is exact.
+    t = torch.kthvalue(uncertainty.detach(), threshold_index(n, hard_ratio) + 1).values
+    return uncertainty >= t
 
 
 def hard_labels_grouped(

@@ -7,6 +7,7 @@ import numpy as np
 from atkd_cache.cache.reader import Cache
 from atkd_cache.cache.schema import ALL_ARRAYS, SHARDS_GROUP
 from atkd_cache.cache.writer import array_sha256
+from atkd_cache.errors import first_line
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -63,7 +64,7 @@ def verify_cache(cache: Cache) -> list[str]:
                 problems.append(f"{name}/{key}: array missing")
                 continue
             except Exception as e:  # zarr raises ValueError on a crc32c mismatch
-                problems.append(f"{name}/{key}: unreadable ({str(e).splitlines()[0]})")
+                problems.append(f"{name}/{key}: unreadable ({first_line(e)})")
                 continue
             if array_sha256(arrays[key]) != row[f"sha256_{key}"]:
                 problems.append(f"{name}/{key}: sha256 differs from the manifest")

@@ -126,6 +126,13 @@ class CacheWriter:
                 f"{self.root} exists and is not an atkd-cache cache: choose an empty or new folder"
             )
         self._take_lock()
+        try:
+            self._open_locked()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_locked(self) -> None:
         if (self.root / "zarr.json").exists():
             attrs = dict(zarr.open_group(str(self.root), mode="r").attrs)
             existing = CacheCard.from_attrs(attrs, where=str(self.root))
@@ -138,10 +145,18 @@ class CacheWriter:
                 )
             self.card = existing  # keep the original creation time
         else:
-            root = zarr.open_group(str(self.root), mode="w", attributes=self.card.to_attrs())
-            root.create_group(SHARDS_GROUP)
+            self._create_root()
         self.committed = read_manifest_rows(self.root)
         self._remove_leftovers()
+
+    def _create_root(self) -> None:
+        # The root zarr.json (holding the card) is what makes a folder a cache, so it is
+        # written last and renamed into place: a kill never leaves a card without `shards/`.
+        zarr.open_group(str(self.root / SHARDS_GROUP), mode="a")
+        staging = self.root / TMP_DIR / "root"
+        shutil.rmtree(staging, ignore_errors=True)
+        zarr.open_group(str(staging), mode="w", attributes=self.card.to_attrs())
+        os.replace(staging / "zarr.json", self.root / "zarr.json")
 
     def _take_lock(self) -> None:
         fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -162,6 +177,8 @@ class CacheWriter:
         shutil.rmtree(self.root / TMP_DIR, ignore_errors=True)
         listed = {row["shard"] for row in self.committed}
         shards = self.root / SHARDS_GROUP
+        if not (shards / "zarr.json").exists():
+            zarr.open_group(str(shards), mode="a")
         for d in shards.iterdir():
             if d.is_dir() and d.name not in listed:
                 shutil.rmtree(d)  # orphan of a run killed between rename and manifest

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny BPE tokenizer and random Llama/GPT-2 teachers saved to temp folders,
+loaded back through `from_pretrained` like real models, plus small jsonl datasets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Paths of the tiny tokenizer+Llama teacher, a GPT-2 teacher, and the datasets."""
+    from transformers import AutoTokenizer
+
+    from atkd_cache import tiny
+
+    root = tmp_path_factory.mktemp("assets")
+    llama = str(root / "llama")
+    tiny.build_tokenizer(llama)
+    vocab = len(AutoTokenizer.from_pretrained(llama))
+    tiny.build_model(llama, vocab, arch="llama")
+    gpt2 = str(root / "gpt2")
+    tiny.build_tokenizer(gpt2)
+    tiny.build_model(gpt2, vocab, arch="gpt2")
+    data = tiny.write_datasets(str(root / "data"), n=24)
+    return {"llama": llama, "gpt2": gpt2, "vocab": vocab, **data}
+
+
+def dump(assets, out, shape="text", model="llama", **overrides):
+    """Run the library's dump_teacher on one of the tiny datasets; returns the summary."""
+    from atkd_cache.data import DataSpec
+    from atkd_cache.dump import DumpConfig, dump_teacher
+
+    fields = {
+        "text": {"text_field": "text"},
+        "prompt_response": {"prompt_field": "prompt", "response_field": "response"},
+        "chat": {"messages_field": "messages"},
+    }[shape]
+    data_keys = {"max_length", "limit", "template", "split"}
+    spec = DataSpec(
+        source=assets[shape], **fields, **{k: v for k, v in overrides.items() if k in data_keys}
+    )
+    cfg = {k: v for k, v in overrides.items() if k not in data_keys}
+    cfg.setdefault("dtype", "fp32")
+    cfg.setdefault("top_k", 8)
+    cfg.setdefault("progress", False)
+    cfg.setdefault("shard_positions", 200)
+    return dump_teacher(
+        DumpConfig(model=assets[model], data=spec, output=str(out), **cfg), log=lambda m: None
+    )
