@@ -182,7 +182,9 @@ def records_for_window(
                 seq_id=s.seq_id,
                 input_ids=s.input_ids,
                 supervised=s.supervised,
-                hard=hard_labels_np(o["uncertainty"], cfg.hard_ratio),
+                # UNC = 1 - exp(logp) is decreasing in logp, so splitting on -logp gives the
+                # same labels without the ties float32 UNC has at 1.0 (p_g < 6e-8).
+                hard=hard_labels_np(-o["target_logprob"], cfg.hard_ratio),
                 **o,
             )
         )

@@ -44,7 +44,10 @@ def test_cached_arrays_match_direct_recomputation(assets, tmp_path, model):
         np.testing.assert_allclose(seq.uncertainty, 1 - tgt.exp().numpy(), atol=2e-5)
         ent = -(lp.exp() * lp).sum(-1)
         np.testing.assert_allclose(seq.entropy, ent.numpy(), atol=2e-5)
-        assert np.array_equal(seq.hard, hard_labels_np(seq.uncertainty, 0.5))
+        assert np.array_equal(seq.hard, hard_labels_np(-tgt.numpy(), 0.5))
+        exact_unc = -np.expm1(tgt.numpy())  # same rule on exact UNC, where it has no ties
+        if len(np.unique(exact_unc)) == len(exact_unc):
+            assert np.array_equal(seq.hard, hard_labels_np(exact_unc, 0.5))
         inside = (seq.topk_ids == seq.target_ids[:, None]).any(1)
         seen_inside += int(inside.sum())
         seen_outside += int((~inside).sum())
