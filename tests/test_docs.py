@@ -5,9 +5,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-from conftest import dump
 
 from atkd_cache.cache import open_cache
+from conftest import dump
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cache-format.md"
 
