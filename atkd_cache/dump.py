@@ -23,7 +23,7 @@ from atkd_cache.cache.writer import CacheWriter, SequenceRecord
 from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint, tokenizer_vocab_size, weights_hash
-from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
+from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_dtype
 from atkd_cache.split import hard_labels_np
 
 LABEL_RULE = "per-sequence: hard = UNC >= sorted_UNC[floor((n-1)(1-hard_ratio))]"
@@ -41,7 +41,7 @@ class DumpConfig:
     revision: str | None = None
     top_k: int = 32
     hard_ratio: float = 0.5
-    dtype: str = "bf16"
+    dtype: str = "auto"
     device: str = "cpu"
     batch_size: int | None = 8
     batch_tokens: int | None = None
@@ -119,7 +119,7 @@ def build_card(cfg: DumpConfig, model, tokenizer, data_fingerprint: str) -> Cach
         teacher_id=cfg.model,
         teacher_revision=revision,
         teacher_weights_hash=weights_hash(cfg.model),
-        teacher_dtype=cfg.dtype,
+        teacher_dtype=resolve_dtype(cfg.dtype, cfg.device),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         tokenizer_vocab_size=tokenizer_vocab_size(tokenizer),
         logits_width=logits_width(model),

@@ -9,6 +9,17 @@ import torch
 from atkd_cache.errors import UserError, first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' is bf16 on a CUDA device that supports it and fp32 otherwise: on CPUs without
+    AVX512-BF16 (e.g. AVX2-only machines) bf16 matmuls run ~100x slower than fp32."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def split_gguf(path: str) -> tuple[str, str | None]:
@@ -40,14 +51,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_causal_lm(
     path: str,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     device: str = "cpu",
     revision: str | None = None,
     trust_remote_code: bool = False,
 ):
-    """AutoModelForCausalLM in eval mode on `device`, weights in `dtype` (bf16/fp16/fp32)."""
+    """AutoModelForCausalLM in eval mode on `device`, weights in `dtype` (auto/bf16/fp16/fp32)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     _check_exists(path, "model path")

@@ -36,3 +36,26 @@ def chitchat_texts(limit: int | None = None) -> list[str]:
         if limit is not None and len(texts) >= limit:
             break
     return texts
+
+
+def smollm2_folder(workdir: str) -> str:
+    """The GGUF teacher converted once to a plain HF folder (bf16 safetensors), so that
+    benchmarks do not pay GGUF de-quantization on every load. save_pretrained refuses a model
+    loaded from GGUF, so its weights go into a fresh Llama built from the same config."""
+    folder = os.path.join(workdir, "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm2_gguf()
+    src = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=GGUF,
+                                               dtype=torch.bfloat16)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dst = LlamaForCausalLM(config).to(torch.bfloat16)
+    dst.load_state_dict(src.state_dict())
+    dst.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=GGUF).save_pretrained(folder)
+    return folder

@@ -52,8 +52,8 @@ def main() -> None:
 @click.option("--limit", type=int, default=None, help="Use only the first N examples.")
 @click.option("--top-k", type=int, default=32, show_default=True)
 @click.option("--hard-ratio", type=float, default=0.5, show_default=True)
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
-              show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+              show_default=True, help="Teacher weights; auto = bf16 on CUDA, fp32 on CPU.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=None, help="Sequences per forward (default 8).")
 @click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward.")

@@ -120,7 +120,7 @@ class CacheWriter:
         except OSError as e:
             raise UserError(f"cannot write the cache at {self.root}: {e.strerror}") from None
         if not (self.root / "zarr.json").exists() and any(
-            p.name not in (LOCK_FILE, TMP_DIR) for p in self.root.iterdir()
+            p.name not in (LOCK_FILE, TMP_DIR, SHARDS_GROUP) for p in self.root.iterdir()
         ):
             raise UserError(
                 f"{self.root} exists and is not an atkd-cache cache: choose an empty or new folder"

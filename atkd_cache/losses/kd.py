@@ -1,0 +1,176 @@
+"""`kd_loss`: one entry point for ATKD, plain divergences and cross-entropy over a cached
+sparse teacher (formulas in docs/losses.md, DESIGN §3-§4).
+
+ATKD (Zhong et al., ACL 2024; official code WHU-ZQH/ATKD):
+    TKD = D(b_P, b_Q)   with b = (mass of the target, mass of everything else)
+    DKD = D(P^, Q^)     with P^ = P without the target, renormalised (same for Q)
+    L   = alpha * mean_easy(DKD) + (1 - alpha) * mean_hard(TKD + DKD)   (+ ce_weight * CE)
+For D = KL: KL(P || Q) = TKD + (1 - p_g) DKD exactly, also for the bucketed distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from atkd_cache.losses.bucket import BucketedPair, bucketize
+from atkd_cache.losses.divergences import DIVERGENCES, divergence
+from atkd_cache.split import hard_labels, hard_labels_grouped
+
+LOSSES = ("atkd", "kd", "ce")
+SPLITS = ("cache", "sequence", "batch")
+
+
+@dataclass
+class SparseTeacher:
+    """What the cache holds for N supervised positions (rows aligned with the student's)."""
+
+    topk_ids: torch.Tensor  # [N, k] long
+    topk_logprobs: torch.Tensor  # [N, k]
+    target_ids: torch.Tensor  # [N] long
+    target_logprob: torch.Tensor  # [N]
+    hard: torch.Tensor | None = None  # [N] bool, the cache's labels
+    uncertainty: torch.Tensor | None = None  # [N], 1 - p(target)
+
+
+@dataclass
+class LossConfig:
+    """Which loss and its knobs (defaults are the paper's / official code's)."""
+
+    loss: str = "atkd"  # atkd | kd (a plain divergence) | ce
+    base: str = "fkl"  # fkl | rkl | jsd | tvd | skl | srkl
+    alpha: float = 0.2  # ATKD weight of the easy tokens' DKD
+    beta: float = 0.5  # jsd
+    skew: float = 0.1  # skl / srkl
+    tail: str = "bucket"  # bucket | renorm
+    ce_weight: float = 0.0
+    temperature: float = 1.0  # teacher temperature (re-tempered on the support)
+    split: str = "cache"  # cache labels | re-split per sequence | per batch
+    hard_ratio: float = 0.5  # rho, for split = sequence | batch
+    chunk_rows: int | None = None
+
+    def check(self) -> None:
+        """Raise ValueError on an unknown or out-of-range setting."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.base not in DIVERGENCES:
+            raise ValueError(f"base must be one of {', '.join(DIVERGENCES)}, got {self.base!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        for name in ("alpha", "beta", "skew", "hard_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class LossOutput:
+    """The loss to backpropagate and detached parts for logging."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over rows with weight 1; exactly 0 (not NaN) when there are none."""
+    count = weight.sum()
+    return (values * weight).sum() / count.clamp(min=1.0)
+
+
+def target_split(pair: BucketedPair) -> tuple[BucketedPair, BucketedPair]:
+    """(binary target/non-target distributions, non-target distributions renormalised).
+
+    log(1 - p_g) is the log of the summed non-target columns, so it neither cancels near
+    p_g -> 1 nor becomes -inf for the student while any non-target mass is representable."""
+    def rest(lp, valid):
+        return torch.logsumexp(torch.where(valid[:, 1:], lp[:, 1:], float("-inf")), dim=1)
+
+    lp_rest, lq_rest = rest(pair.teacher, pair.valid), rest(pair.student, pair.valid)
+    binary = BucketedPair(
+        teacher=torch.stack([pair.teacher[:, 0], lp_rest], dim=1),
+        student=torch.stack([pair.student[:, 0], lq_rest], dim=1),
+        valid=torch.ones(pair.valid.shape[0], 2, dtype=torch.bool, device=pair.valid.device),
+    )
+    # Rows where the teacher puts all mass on the target have no non-target distribution.
+    has_rest = torch.isfinite(lp_rest) & torch.isfinite(lq_rest)
+    safe = lambda x: torch.where(has_rest, x, 0.0)[:, None]  # noqa: E731
+    nontarget = BucketedPair(
+        teacher=pair.teacher[:, 1:] - safe(lp_rest),
+        student=pair.student[:, 1:] - safe(lq_rest),
+        valid=pair.valid[:, 1:] & has_rest[:, None],
+    )
+    return binary, nontarget
+
+
+def hard_mask(
+    teacher: SparseTeacher, cfg: LossConfig, group_offsets: torch.Tensor | list[int] | None
+) -> torch.Tensor:
+    """Hard labels: the cache's, or re-split by rho per sequence or over the batch.
+
+    The re-split ranks -log p(target), which orders positions exactly as UNC = 1 - p(target)
+    does but has no float32 ties at UNC = 1."""
+    if cfg.split == "cache":
+        if teacher.hard is None:
+            raise ValueError("split='cache' needs the cache's hard labels")
+        return teacher.hard.bool()
+    score = -teacher.target_logprob.float()
+    if cfg.split == "batch":
+        return hard_labels(score, cfg.hard_ratio)
+    if group_offsets is None:
+        raise ValueError("split='sequence' needs group_offsets (row offsets of each sequence)")
+    return hard_labels_grouped(score, group_offsets, cfg.hard_ratio)
+
+
+def kd_loss(
+    logits: torch.Tensor,
+    teacher: SparseTeacher,
+    cfg: LossConfig | None = None,
+    row_mask: torch.Tensor | None = None,
+    group_offsets: torch.Tensor | list[int] | None = None,
+) -> LossOutput:
+    """The configured loss for N positions: student logits [N, V] (fp32/bf16/fp16) and the
+    cached teacher rows. `row_mask` [N] excludes rows (they count nowhere); `group_offsets`
+    delimits sequences for split='sequence'."""
+    cfg = cfg or LossConfig()
+    cfg.check()
+    pair = bucketize(
+        logits, teacher.topk_ids, teacher.topk_logprobs, teacher.target_ids,
+        teacher.target_logprob, tail=cfg.tail, temperature=cfg.temperature,
+        chunk_rows=cfg.chunk_rows,
+    )
+    n = logits.shape[0]
+    work = pair.student.dtype
+    weight = torch.ones(n, dtype=work, device=logits.device)
+    if row_mask is not None:
+        weight = weight * row_mask.to(work)
+    ce = -pair.student[:, 0]  # the target column: log q(target) = z_g - logsumexp(z)
+    parts: dict[str, torch.Tensor] = {"ce": _masked_mean(ce, weight).detach(),
+                                      "tokens": weight.sum().detach()}
+    opts = {"beta": cfg.beta, "skew": cfg.skew}
+    if cfg.loss == "ce":
+        loss = _masked_mean(ce, weight)
+    elif cfg.loss == "kd":
+        d = divergence(cfg.base, pair.teacher, pair.student, pair.valid, **opts)
+        loss = _masked_mean(d, weight)
+        parts[cfg.base] = loss.detach()
+    else:
+        binary, nontarget = target_split(pair)
+        tkd = divergence(cfg.base, binary.teacher, binary.student, binary.valid, **opts)
+        dkd = divergence(cfg.base, nontarget.teacher, nontarget.student, nontarget.valid, **opts)
+        is_hard = hard_mask(teacher, cfg, group_offsets)
+        hard = is_hard.to(work) * weight
+        easy = (~is_hard).to(work) * weight
+        loss = cfg.alpha * _masked_mean(dkd, easy) + (1 - cfg.alpha) * _masked_mean(
+            tkd + dkd, hard
+        )
+        parts.update(
+            tkd_easy=_masked_mean(tkd, easy).detach(), dkd_easy=_masked_mean(dkd, easy).detach(),
+            tkd_hard=_masked_mean(tkd, hard).detach(), dkd_hard=_masked_mean(dkd, hard).detach(),
+            easy_tokens=easy.sum().detach(), hard_tokens=hard.sum().detach(),
+        )
+    if cfg.ce_weight and cfg.loss != "ce":
+        loss = loss + cfg.ce_weight * _masked_mean(ce, weight)
+    parts["loss"] = loss.detach()
+    return LossOutput(loss=loss, parts=parts)
