@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from assets import chitchat_texts, smollm2_folder  # noqa: E402
 
 from atkd_cache.cache.writer import CacheWriter, SequenceRecord  # noqa: E402
-from atkd_cache.data import TokenizedSequence  # noqa: E402
+from atkd_cache.data import DataSpec, TokenizedSequence  # noqa: E402
 from atkd_cache.dump import DumpConfig, build_card, length_batches  # noqa: E402
 from atkd_cache.models import load_causal_lm, load_tokenizer  # noqa: E402
 from atkd_cache.split import hard_labels_np  # noqa: E402
@@ -93,12 +94,11 @@ def main() -> None:
     print(f"bare forward     {n_tokens / t_bare:8.0f} tokens/s")
     print(f"teacher pass k=64 {n_tokens / t_dump:8.0f} tokens/s   ratio {t_bare / t_dump:.3f}")
 
-    cfg = DumpConfig(model=folder, data=None, output="", dtype=args.dtype)  # type: ignore[arg-type]
+    cfg = DumpConfig(model=folder, data=DataSpec("chitchat-dataset", text_field="text"),
+                     output="", dtype=args.dtype)
     print("\nk   bytes/token  (on disk, Blosc-zstd + crc32c, float16 log-probs)")
     for k in (8, 32, 64):
         out = os.path.join(args.workdir, f"cache-k{k}")
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
         card = build_card(replace(cfg, top_k=k), model, tok, "bench")
         records = []

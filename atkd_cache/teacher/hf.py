@@ -29,7 +29,8 @@ def teacher_outputs(
     ids, attention, sup = ids.to(device), attention.to(device), sup.to(device)
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
     targets = torch.roll(ids, -1, dims=1)[sup]
-    stats = position_stats(logits[sup], targets, k)
+    rows = torch.nonzero(sup.reshape(-1)).squeeze(1)  # flat (b, t) rows; no logits copy
+    stats = position_stats(logits, targets, k, rows=rows)
     del logits
     counts = sup.sum(1).tolist()
     fields = {
