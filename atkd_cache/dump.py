@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from tqdm.auto import tqdm
 
 from atkd_cache import __version__
-from atkd_cache.cache.schema import CacheCard
-from atkd_cache.cache.writer import CacheWriter, SequenceRecord
+from atkd_cache.cache.schema import CacheCard, SequenceRecord
+from atkd_cache.cache.writer import CacheWriter
 from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint, tokenizer_vocab_size, weights_hash

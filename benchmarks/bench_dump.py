@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from assets import chitchat_texts, smollm2_folder  # noqa: E402
 
-from atkd_cache.cache.writer import CacheWriter, SequenceRecord  # noqa: E402
+from atkd_cache.cache.schema import SequenceRecord  # noqa: E402
+from atkd_cache.cache.writer import CacheWriter  # noqa: E402
 from atkd_cache.data import DataSpec, TokenizedSequence  # noqa: E402
 from atkd_cache.dump import DumpConfig, build_card, length_batches  # noqa: E402
 from atkd_cache.models import load_causal_lm, load_tokenizer  # noqa: E402

@@ -22,30 +22,16 @@ from atkd_cache.cache.schema import (
     MANIFEST_SCHEMA,
     SHARDS_GROUP,
     CacheCard,
+    SequenceRecord,
 )
 from atkd_cache.errors import UserError
 
 
 @dataclass
-class CachedSequence:
-    """One sequence of a cache. Position t predicts input_ids[t + 1]; the teacher arrays hold
-    one row per supervised position, i.e. per t with supervised[t] true, in increasing t."""
+class CachedSequence(SequenceRecord):
+    """One sequence read from a cache; `index` is its position in cache order."""
 
-    index: int
-    seq_id: int
-    input_ids: np.ndarray  # [n]
-    supervised: np.ndarray  # [n - 1] bool
-    target_logprob: np.ndarray  # [m]
-    topk_ids: np.ndarray  # [m, k]
-    topk_logprobs: np.ndarray  # [m, k]
-    entropy: np.ndarray  # [m]
-    uncertainty: np.ndarray  # [m]
-    hard: np.ndarray  # [m] bool
-
-    @property
-    def target_ids(self) -> np.ndarray:
-        """The actual next token of each supervised position."""
-        return self.input_ids[1:][self.supervised]
+    index: int = 0
 
 
 def _join(base: str, name: str) -> str:

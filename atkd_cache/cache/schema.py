@@ -174,3 +174,27 @@ class CacheCard:
             if key not in self.VOLATILE and mine[key] != theirs.get(key):
                 return key, mine[key], theirs.get(key)
         return None
+
+
+@dataclass
+class SequenceRecord:
+    """The teacher's output for one sequence, ready to be stored.
+
+    `supervised` has one entry per position t = 0..n-2 (does position t predict a supervised
+    token x_{t+1}?); the per-position teacher arrays have one row per supervised position.
+    """
+
+    seq_id: int
+    input_ids: np.ndarray  # [n]
+    supervised: np.ndarray  # [n - 1] bool
+    target_logprob: np.ndarray  # [m]
+    topk_ids: np.ndarray  # [m, k]
+    topk_logprobs: np.ndarray  # [m, k]
+    entropy: np.ndarray  # [m]
+    uncertainty: np.ndarray  # [m]
+    hard: np.ndarray  # [m] bool
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        """The actual next token of each supervised position."""
+        return self.input_ids[1:][self.supervised]

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,29 +30,11 @@ from atkd_cache.cache.schema import (
     SUPERVISED_ARRAYS,
     TMP_DIR,
     CacheCard,
+    SequenceRecord,
     array_codecs,
     array_dtypes,
 )
 from atkd_cache.errors import UserError
-
-
-@dataclass
-class SequenceRecord:
-    """The teacher's output for one sequence, ready to be stored.
-
-    `supervised` has one entry per position t = 0..n-2 (does position t predict a supervised
-    token x_{t+1}?); the per-position teacher arrays have one row per supervised position.
-    """
-
-    seq_id: int
-    input_ids: np.ndarray  # [n]
-    supervised: np.ndarray  # [n - 1] bool
-    target_logprob: np.ndarray  # [m]
-    topk_ids: np.ndarray  # [m, k]
-    topk_logprobs: np.ndarray  # [m, k]
-    entropy: np.ndarray  # [m]
-    uncertainty: np.ndarray  # [m]
-    hard: np.ndarray  # [m] bool
 
 
 def shard_name(index: int) -> str:
