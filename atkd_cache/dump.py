@@ -10,6 +10,7 @@ background thread so that the teacher never waits on compression.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -161,6 +162,15 @@ def validate(cfg: DumpConfig) -> None:
         raise UserError("--max-length must be at least 2 (one position needs two tokens)")
 
 
+def check_output(path: str) -> None:
+    """Fail fast (before loading anything) when the output folder cannot be created."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write the cache at {path}: {probe} is not a writable folder")
+
+
 def records_for_window(
     model, seqs: list[TokenizedSequence], cfg: DumpConfig, pad_id: int, on_batch=None
 ) -> list[SequenceRecord]:
@@ -193,9 +203,9 @@ def records_for_window(
 
 def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     """Run the teacher over the data into the cache at cfg.output (resuming if it exists)."""
-    import torch
 
     validate(cfg)
+    check_output(cfg.output)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     rows = load_rows(cfg.data)
@@ -217,7 +227,6 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     card = build_card(cfg, model, tokenizer, stats.fingerprint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = plan_windows(seqs, cfg.shard_positions)
-    torch.set_grad_enabled(False)
 
     with CacheWriter(cfg.output, card) as writer, ThreadPoolExecutor(1) as pool:
         done = writer.committed
