@@ -203,7 +203,6 @@ def records_for_window(
 
 def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     """Run the teacher over the data into the cache at cfg.output (resuming if it exists)."""
-
     validate(cfg)
     check_output(cfg.output)
     t0 = time.perf_counter()
