@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,7 +85,6 @@ class TokenizeStats:
     tokens: int = 0
     supervised: int = 0
     fingerprint: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def load_rows(spec: DataSpec):

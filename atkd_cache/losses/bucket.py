@@ -96,12 +96,6 @@ def student_support_logprobs(
     return _SupportLogProbs.apply(logits, ids, valid, chunk_rows)
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near 0 and near -inf."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 @dataclass
 class BucketedPair:
     """Teacher and student log-probs over the same columns (target, top-k, tail)."""
