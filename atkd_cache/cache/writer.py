@@ -157,10 +157,7 @@ class CacheWriter:
     def _remove_leftovers(self) -> None:
         shutil.rmtree(self.root / TMP_DIR, ignore_errors=True)
         listed = {row["shard"] for row in self.committed}
-        shards = self.root / SHARDS_GROUP
-        if not (shards / "zarr.json").exists():
-            zarr.open_group(str(shards), mode="a")
-        for d in shards.iterdir():
+        for d in (self.root / SHARDS_GROUP).iterdir():
             if d.is_dir() and d.name not in listed:
                 shutil.rmtree(d)  # orphan of a run killed between rename and manifest
 

@@ -26,6 +26,17 @@ def _chunk_rows(n_cols: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, CHUNK_ELEMENTS // max(1, n_cols))
 
 
+def _upcast_chunks(logits: torch.Tensor, rows: int, work: torch.dtype):
+    """Yield (lo, hi, e): rows lo..hi of the logits copied into one reused `work` buffer."""
+    n, v = logits.shape
+    buf = torch.empty(min(n, rows), v, dtype=work, device=logits.device)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        e = buf[: hi - lo]
+        e.copy_(logits[lo:hi])
+        yield lo, hi, e
+
+
 class _SupportLogProbs(torch.autograd.Function):
     """(logits [N, V], ids [N, S], valid [N, S]) -> (log q at ids [N, S], log q(tail) [N]).
 
@@ -43,11 +54,7 @@ class _SupportLogProbs(torch.autograd.Function):
         log_sum = torch.empty(n, dtype=work, device=logits.device)
         log_tail = torch.empty(n, dtype=work, device=logits.device)
         rows = _chunk_rows(v, chunk_rows)
-        buf = torch.empty(min(n, rows), v, dtype=work, device=logits.device)
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            e = buf[: hi - lo]
-            e.copy_(logits[lo:hi])
+        for lo, hi, e in _upcast_chunks(logits, rows, work):
             m = e.amax(-1, keepdim=True).clamp_(min=torch.finfo(work).min)
             z_support = e.gather(1, ids[lo:hi]) - m
             e.sub_(m).exp_()
@@ -72,12 +79,7 @@ class _SupportLogProbs(torch.autograd.Function):
         total = g_support.sum(-1) + g_tail
         tail_coef = torch.where(torch.isfinite(log_tail), g_tail * torch.exp(-log_tail), 0.0)
         inv_s = torch.exp(-log_sum)
-        n, v = logits.shape
-        buf = torch.empty(min(n, ctx.chunk_rows), v, dtype=work, device=logits.device)
-        for lo in range(0, n, ctx.chunk_rows):
-            hi = min(n, lo + ctx.chunk_rows)
-            e = buf[: hi - lo]
-            e.copy_(logits[lo:hi])
+        for lo, hi, e in _upcast_chunks(logits, ctx.chunk_rows, work):
             e.sub_(row_max[lo:hi, None]).exp_()  # e_j = exp(z_j - max)
             e_support = e.gather(1, ids[lo:hi])
             coef = tail_coef[lo:hi] - total[lo:hi] * inv_s[lo:hi]
