@@ -95,10 +95,9 @@ def target_split(pair: BucketedPair) -> tuple[BucketedPair, BucketedPair]:
     )
     # Rows where the teacher puts all mass on the target have no non-target distribution.
     has_rest = torch.isfinite(lp_rest) & torch.isfinite(lq_rest)
-    safe = lambda x: torch.where(has_rest, x, 0.0)[:, None]  # noqa: E731
     nontarget = BucketedPair(
-        teacher=pair.teacher[:, 1:] - safe(lp_rest),
-        student=pair.student[:, 1:] - safe(lq_rest),
+        teacher=pair.teacher[:, 1:] - torch.where(has_rest, lp_rest, 0.0)[:, None],
+        student=pair.student[:, 1:] - torch.where(has_rest, lq_rest, 0.0)[:, None],
         valid=pair.valid[:, 1:] & has_rest[:, None],
     )
     return binary, nontarget
@@ -145,12 +144,12 @@ def kd_loss(
     weight = torch.ones(n, dtype=work, device=logits.device)
     if row_mask is not None:
         weight = weight * row_mask.to(work)
-    ce = -pair.student[:, 0]  # the target column: log q(target) = z_g - logsumexp(z)
-    parts: dict[str, torch.Tensor] = {"ce": _masked_mean(ce, weight).detach(),
-                                      "tokens": weight.sum().detach()}
+    # the target column: -log q(target) = logsumexp(z) - z_g, i.e. cross-entropy
+    ce = _masked_mean(-pair.student[:, 0], weight)
+    parts: dict[str, torch.Tensor] = {"ce": ce.detach(), "tokens": weight.sum().detach()}
     opts = {"beta": cfg.beta, "skew": cfg.skew}
     if cfg.loss == "ce":
-        loss = _masked_mean(ce, weight)
+        loss = ce
     elif cfg.loss == "kd":
         d = divergence(cfg.base, pair.teacher, pair.student, pair.valid, **opts)
         loss = _masked_mean(d, weight)
@@ -171,6 +170,6 @@ def kd_loss(
             easy_tokens=easy.sum().detach(), hard_tokens=hard.sum().detach(),
         )
     if cfg.ce_weight and cfg.loss != "ce":
-        loss = loss + cfg.ce_weight * _masked_mean(ce, weight)
+        loss = loss + cfg.ce_weight * ce
     parts["loss"] = loss.detach()
     return LossOutput(loss=loss, parts=parts)
