@@ -31,7 +31,7 @@ from atkd_cache.data import DataSpec, TokenizedSequence  # noqa: E402
 from atkd_cache.dump import DumpConfig, build_card, length_batches  # noqa: E402
 from atkd_cache.models import load_causal_lm, load_tokenizer  # noqa: E402
 from atkd_cache.split import hard_labels_np  # noqa: E402
-from atkd_cache.teacher.hf import teacher_outputs  # noqa: E402
+from atkd_cache.teacher.hf import pad_batch, teacher_outputs  # noqa: E402
 
 
 def sequences(tokenizer, tokens: int, max_length: int) -> list[TokenizedSequence]:
@@ -45,16 +45,6 @@ def sequences(tokenizer, tokens: int, max_length: int) -> list[TokenizedSequence
         if total >= tokens:
             break
     return out
-
-
-def padded(seqs, pad_id):
-    width = max(len(s.input_ids) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s.input_ids)] = torch.from_numpy(s.input_ids)
-        mask[b, : len(s.input_ids)] = 1
-    return ids, mask
 
 
 def main() -> None:
@@ -83,7 +73,7 @@ def main() -> None:
     with torch.inference_mode():
         for batch in batches:
             group = [seqs[i] for i in batch]
-            ids, mask = padded(group, tok.pad_token_id or 0)
+            ids, mask, _ = pad_batch(group, tok.pad_token_id or 0)
             t0 = time.perf_counter()
             _ = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             t1 = time.perf_counter()
