@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
@@ -42,6 +43,21 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def read_manifest(path: str | os.PathLike) -> pa.Table:
+    """The manifest of the cache at a path or fsspec URL (empty when nothing is committed)."""
+    path = str(path)
+    url = _join(path, MANIFEST_FILE)
+    try:
+        if _is_url(path):
+            import fsspec
+
+            with fsspec.open(url, "rb") as f:
+                return pq.read_table(f)
+        return pq.read_table(url)
+    except FileNotFoundError:
+        return MANIFEST_SCHEMA.empty_table()
+
+
 class Cache:
     """An opened cache. `open_cache` is the way to get one."""
 
@@ -55,7 +71,7 @@ class Cache:
             msg = f"{self.path} is not an atkd-cache cache (no Zarr root group)"
             raise UserError(msg) from None
         self.card = CacheCard.from_attrs(dict(self.root.attrs), where=self.path)
-        self.manifest = self._read_manifest()
+        self.manifest = read_manifest(self.path)
         rows = self.manifest.to_pylist()
         self.shard_rows = rows
         self._starts = [r["first_sequence"] for r in rows]
@@ -66,20 +82,6 @@ class Cache:
         self.num_hard = sum(r["num_hard"] for r in rows)
         self.num_bytes = sum(r["bytes"] for r in rows)
         self._loaded: tuple[int, dict[str, np.ndarray]] | None = None
-
-    def _read_manifest(self):
-        url = _join(self.path, MANIFEST_FILE)
-        try:
-            if _is_url(self.path):
-                import fsspec
-
-                with fsspec.open(url, "rb") as f:
-                    return pq.read_table(f)
-            if not os.path.exists(url):
-                return MANIFEST_SCHEMA.empty_table()
-            return pq.read_table(url)
-        except FileNotFoundError:
-            return MANIFEST_SCHEMA.empty_table()
 
     def __len__(self) -> int:
         return self.num_sequences

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from atkd_cache.cache.reader import read_manifest
 from atkd_cache.cache.schema import (
     CHUNK_ROWS,
     LOCK_FILE,
@@ -45,14 +46,6 @@ def shard_name(index: int) -> str:
 def array_sha256(values: np.ndarray) -> str:
     """Checksum of an array's decoded contents (C order, little-endian as stored)."""
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
-
-
-def read_manifest_rows(root: Path) -> list[dict]:
-    """The committed shard rows of a local cache, in order (empty when there are none)."""
-    path = root / MANIFEST_FILE
-    if not path.exists():
-        return []
-    return pq.read_table(path).to_pylist()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -127,7 +120,7 @@ class CacheWriter:
             self.card = existing  # keep the original creation time
         else:
             self._create_root()
-        self.committed = read_manifest_rows(self.root)
+        self.committed = read_manifest(self.root).to_pylist()
         self._remove_leftovers()
 
     def _create_root(self) -> None:
