@@ -192,6 +192,32 @@ def _chat_example(tokenizer, row: dict, spec: DataSpec) -> tuple[list[int], list
     return enc["input_ids"], mask
 
 
+def generation_prompts(rows, tokenizer, spec: DataSpec) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference reply) pairs for scoring generations: the rendered prompt of a
+    prompt/response row, or a conversation up to its last assistant turn (rendered with the
+    generation prompt) and that turn's text."""
+    pairs = []
+    for row in rows:
+        if spec.shape == "prompt_response":
+            prompt = (spec.template or DEFAULT_TEMPLATE).format(prompt=row[spec.prompt_field])
+            pairs.append((_encode(tokenizer, prompt, True), str(row[spec.response_field])))
+        elif spec.shape == "chat":
+            messages = row[spec.messages_field]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"),
+                       default=None)
+            if last is None:
+                continue
+            text = tokenizer.apply_chat_template(
+                messages[:last], tokenize=False, add_generation_prompt=True
+            )
+            pairs.append((_encode(tokenizer, text, False), str(messages[last]["content"])))
+        else:
+            raise UserError("generations need prompt/response or chat data, not plain text")
+    if not pairs:
+        raise UserError(f"{spec.source} has no example with a reply to score")
+    return pairs
+
+
 SHAPES = {
     "text": _text_example,
     "prompt_response": _prompt_response_example,

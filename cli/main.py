@@ -10,6 +10,8 @@ import sys
 import click
 
 from atkd_cache.errors import UserError
+from atkd_cache.losses.divergences import DIVERGENCES
+from atkd_cache.losses.kd import LOSSES, SPLITS
 
 
 def user_errors(fn):
@@ -124,6 +126,151 @@ def verify_cmd(cache: str) -> None:
         sys.exit(1)
     click.echo(f"ok: {len(opened.shard_rows)} shards, {opened.num_sequences} sequences, "
                f"{opened.num_supervised} supervised positions verified")
+
+
+@main.command("init-student")
+@click.option("--from", "teacher", required=True, help="Teacher: HF folder, hub id or .gguf.")
+@click.option("--layers", required=True,
+              help="How many layers to keep (evenly spaced), or a comma list of indices.")
+@click.option("--output", "-o", required=True, help="New student folder.")
+@click.option("--trust-remote-code", is_flag=True, default=False)
+@user_errors
+def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: bool) -> None:
+    """Build a smaller student from a subset of the teacher's layers (saved as an HF folder)."""
+    from atkd_cache.train.student import init_student
+
+    kept = init_student(teacher, layers, output, trust_remote_code)
+    click.echo(f"student: {output} keeps teacher layers {','.join(map(str, kept))}")
+
+
+@main.command("train-student")
+@click.option("--cache", required=True, help="Cache folder or fsspec URL.")
+@click.option("--student", required=True, help="Student: HF folder, hub id, or .gguf file.")
+@click.option("--output", "-o", required=True, help="Run folder (checkpoints, metrics, model).")
+@click.option("--tokenizer", default=None, help="Student tokenizer if not the student's own.")
+@click.option("--loss", type=click.Choice(LOSSES), default="atkd", show_default=True)
+@click.option("--base", type=click.Choice(DIVERGENCES), default="fkl", show_default=True,
+              help="Divergence for kd, or under atkd.")
+@click.option("--alpha", type=float, default=0.2, show_default=True,
+              help="ATKD weight of easy tokens.")
+@click.option("--hard-ratio", type=float, default=0.5, show_default=True)
+@click.option("--split-scope", type=click.Choice(SPLITS), default="cache", show_default=True,
+              help="Easy/hard labels from the cache, or re-split per sequence / batch.")
+@click.option("--tail", type=click.Choice(["bucket", "renorm"]), default="bucket",
+              show_default=True)
+@click.option("--ce-weight", type=float, default=0.0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--beta", type=float, default=0.5, show_default=True, help="jsd beta.")
+@click.option("--skew", type=float, default=0.1, show_default=True, help="skl/srkl alpha.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True,
+              help="Padded (or packed) tokens per micro-batch.")
+@click.option("--pack", is_flag=True, default=False, help="Pack sequences into one row.")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Max grad norm; 0=off.")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+              show_default=True, help="auto = bf16 autocast on CUDA, fp32 elsewhere.")
+@click.option("--gradient-checkpointing", is_flag=True, default=False)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shuffle-buffer", type=int, default=1024, show_default=True)
+@click.option("--num-workers", type=int, default=1, show_default=True)
+@click.option("--checkpoint-every", type=int, default=0, show_default=True,
+              help="Steps between checkpoints; 0 = only at the end.")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option("--resume", is_flag=True, default=False, help="Continue from the last checkpoint.")
+@click.option("--log-every", type=int, default=1, show_default=True)
+@click.option("--log-sequences", is_flag=True, default=False,
+              help="Record which sequences each step used (sequences-rank<r>.jsonl).")
+@click.option("--no-tensorboard", is_flag=True, default=False)
+@click.option("--trust-remote-code", is_flag=True, default=False)
+@click.option("--no-progress", is_flag=True, default=False)
+@user_errors
+def train_student_cmd(**kw) -> None:
+    """Train a student on a cache (run under torchrun for data parallelism)."""
+    from atkd_cache.losses.kd import LossConfig
+    from atkd_cache.train.loader import LoaderConfig
+    from atkd_cache.train.trainer import TrainConfig, train
+
+    loss = LossConfig(
+        loss=kw.pop("loss"), base=kw.pop("base"), alpha=kw.pop("alpha"),
+        hard_ratio=kw.pop("hard_ratio"), split=kw.pop("split_scope"), tail=kw.pop("tail"),
+        ce_weight=kw.pop("ce_weight"), temperature=kw.pop("temperature"),
+        beta=kw.pop("beta"), skew=kw.pop("skew"),
+    )
+    loader = LoaderConfig(
+        batch_tokens=kw.pop("batch_tokens"), pack=kw.pop("pack"), seed=kw["seed"],
+        shuffle_buffer=kw.pop("shuffle_buffer"), num_workers=kw.pop("num_workers"),
+    )
+    kw["progress"] = not kw.pop("no_progress")
+    kw["tensorboard"] = not kw.pop("no_tensorboard")
+    summary = train(TrainConfig(loss=loss, loader=loader, **kw),
+                    log=lambda m: click.echo(m, err=True))
+    click.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} supervised tokens "
+               f"in {summary['seconds']:.1f}s; student saved to {kw['output']}/model")
+
+
+@main.command("evaluate")
+@click.option("--model", default=None, help="Student to evaluate: HF folder, hub id, or .gguf.")
+@click.option("--cache", default=None, help="Held-out cache: NLL, agreement, KL, ECE.")
+@click.option("--data", "source", default=None,
+              help="Prompt/response or chat data: greedy replies scored by ROUGE-L.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--prompt-field", default=None)
+@click.option("--response-field", default=None)
+@click.option("--template", default=None, help="Prompt template with {prompt}.")
+@click.option("--messages-field", default=None)
+@click.option("--gen-limit", type=int, default=64, show_default=True,
+              help="Examples of --data to generate for.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--teacher", default=None, help="Also generate with this teacher (its ROUGE-L).")
+@click.option("--tokenizer", default=None)
+@click.option("--limit", type=int, default=None, help="Sequences of the cache to use.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_out", default=None, help="Also write the results as JSON here.")
+@click.option("--samples", default=None, help="Write prompts, replies, references (JSONL).")
+@click.option("--plot", "plot_runs", multiple=True,
+              help="train-student run folder(s): write PNG training curves (repeatable).")
+@click.option("--plot-output", default="training-curves.png", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, default=False)
+@user_errors
+def evaluate_cmd(**kw) -> None:
+    """Evaluate a student on a held-out cache and/or replies; plot training curves."""
+    from atkd_cache.data import DataSpec
+    from atkd_cache.train.evaluate import EvalConfig, evaluate, format_table, plot_runs
+
+    runs, plot_output = kw.pop("plot_runs"), kw.pop("plot_output")
+    if runs:
+        click.echo(f"plot: {plot_runs(list(runs), plot_output)}")
+    if kw["model"] is None:
+        if not runs:
+            raise UserError("give --model (with --cache and/or --data), or --plot RUN")
+        return
+    if kw["cache"] is None and kw["source"] is None:
+        raise UserError("give --cache (held-out cache) and/or --data (replies to score)")
+    source = kw.pop("source")
+    spec = None
+    if source is not None:
+        spec = DataSpec(source=source, split=kw.pop("split"), prompt_field=kw.pop("prompt_field"),
+                        response_field=kw.pop("response_field"), template=kw.pop("template"),
+                        messages_field=kw.pop("messages_field"), limit=kw.pop("gen_limit"))
+    json_out = kw["json_out"]
+    result = evaluate(EvalConfig(
+        model=kw["model"], cache=kw["cache"], data=spec, teacher=kw["teacher"],
+        tokenizer=kw["tokenizer"], device=kw["device"], batch_tokens=kw["batch_tokens"],
+        limit=kw["limit"], max_new_tokens=kw["max_new_tokens"], samples_out=kw["samples"],
+        trust_remote_code=kw["trust_remote_code"],
+    ))
+    click.echo(format_table(result))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

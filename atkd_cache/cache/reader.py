@@ -86,14 +86,16 @@ class Cache:
     def __len__(self) -> int:
         return self.num_sequences
 
-    def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
-        """All arrays of one shard, decoded (checksums are verified by zarr on read)."""
-        if self._loaded is not None and self._loaded[0] == shard:
-            return self._loaded[1]
+    def read_shard(self, shard: int, names: tuple[str, ...] = ALL_ARRAYS) -> dict[str, np.ndarray]:
+        """Some or all arrays of one shard, decoded (zarr verifies the crc32c on read)."""
         group = self.root[SHARDS_GROUP][self.shard_rows[shard]["shard"]]
-        arrays = {name: group[name][...] for name in ALL_ARRAYS}
-        self._loaded = (shard, arrays)
-        return arrays
+        return {name: group[name][...] for name in names}
+
+    def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        """All arrays of one shard; the most recent shard is kept for random access."""
+        if self._loaded is None or self._loaded[0] != shard:
+            self._loaded = (shard, self.read_shard(shard))
+        return self._loaded[1]
 
     def _sequence_from(self, arrays: dict, shard: int, local: int) -> CachedSequence:
         t0, t1 = arrays["token_offsets"][local : local + 2]

@@ -1,0 +1,1 @@
+"""Consumers of a cache: the streaming loader, students, the trainer and evaluation."""

@@ -1,0 +1,256 @@
+"""`evaluate`: a student against a held-out cache (and optionally against reference replies).
+
+On the cache's supervised tokens:
+  nll / perplexity   -log q(y_t), averaged; perplexity = exp(nll)
+  top1_agreement     argmax q == the teacher's top-1 id
+  kl_to_teacher      bucketed KL(p || q) over top-k ∪ {target} + tail (a lower bound of the
+                     full KL, exact when the cache holds the whole vocabulary; docs/losses.md)
+  accuracy / ece     top-1 accuracy against y_t and its expected calibration error
+                     (15 equal-width confidence bins, weighted by bin size)
+The teacher's own nll, accuracy and ECE come from the cache itself (its target log-prob and
+top-1 entry), so the table compares student and teacher without loading the teacher.
+On prompt/response or chat data: greedy replies scored by ROUGE-L F1 (Google's rouge-score
+package, with stemming) against the references.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from atkd_cache.data import DataSpec, generation_prompts, load_rows
+from atkd_cache.errors import UserError
+from atkd_cache.losses.kd import LossConfig, kd_loss
+from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
+from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader
+from atkd_cache.train.student import RowLogits, check_ids
+from atkd_cache.train.trainer import forward_rows, sparse_teacher
+
+ECE_BINS = 15
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over equal-width confidence bins of
+    |accuracy - mean confidence| weighted by the bin's share of predictions."""
+    if len(confidence) == 0:
+        return float("nan")
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(total)
+
+
+@dataclass
+class _Tally:
+    """Per-token values collected over the evaluation."""
+
+    nll: list
+    conf: list
+    correct: list
+    agree: list
+    hard: list
+
+    @classmethod
+    def empty(cls) -> _Tally:
+        return cls([], [], [], [], [])
+
+    def add(self, nll, conf, correct, agree, hard) -> None:
+        for store, value in zip(
+            (self.nll, self.conf, self.correct, self.agree, self.hard),
+            (nll, conf, correct, agree, hard), strict=True,
+        ):
+            store.append(value.detach().float().cpu().numpy())
+
+    def summary(self) -> dict[str, float]:
+        nll, conf, correct, agree, hard = (np.concatenate(x) for x in (
+            self.nll, self.conf, self.correct, self.agree, self.hard))
+        hard = hard.astype(bool)
+        return {
+            "nll": float(nll.mean()),
+            "perplexity": float(math.exp(nll.mean())),
+            "nll_hard": float(nll[hard].mean()) if hard.any() else float("nan"),
+            "nll_easy": float(nll[~hard].mean()) if (~hard).any() else float("nan"),
+            "accuracy": float(correct.mean()),
+            "ece": ece(conf, correct.astype(bool)),
+            "top1_agreement": float(agree.mean()),
+        }
+
+
+@torch.no_grad()
+def cache_metrics(
+    model, cache: str, device: str = "cpu", batch_tokens: int = 8192, limit: int | None = None,
+    name: str = "student",
+) -> dict:
+    """Student and teacher metrics over the (first `limit`) sequences of a cache."""
+    net = RowLogits(model).eval()
+    width = logits_width(model)
+    dataset = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, shuffle=False,
+                                               num_workers=0))
+    student, teacher = _Tally.empty(), _Tally.empty()
+    kl_sum, tokens, sequences = 0.0, 0, 0
+    dev = torch.device(device)
+    for batch in make_loader(dataset):
+        if limit is not None and sequences >= limit:
+            break
+        check_ids(int(batch["max_id"]), width, name)
+        t = sparse_teacher(batch, dev)
+        logits = forward_rows(net, batch, dev).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        top, pred = logits.max(dim=-1)
+        target_logit = logits.gather(1, t.target_ids[:, None])[:, 0]
+        student.add(lse - target_logit, torch.exp(top - lse), pred == t.target_ids,
+                    pred == t.topk_ids[:, 0], t.hard)
+        teacher.add(-t.target_logprob, torch.exp(t.topk_logprobs[:, 0]),
+                    t.topk_ids[:, 0] == t.target_ids, torch.ones_like(t.hard), t.hard)
+        n = logits.shape[0]
+        kl_sum += float(kd_loss(logits, t, LossConfig(loss="kd", base="fkl")).parts["fkl"]) * n
+        tokens += n
+        sequences += len(batch["seq_index"])
+    if tokens == 0:
+        return {"tokens": 0}
+    out_student = {**student.summary(), "kl_to_teacher": kl_sum / tokens}
+    out_teacher = {**teacher.summary(), "kl_to_teacher": 0.0}
+    return {"tokens": tokens, "sequences": sequences, "student": out_student,
+            "teacher": out_teacher}
+
+
+@torch.no_grad()
+def generate_replies(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64, batch_size: int = 8,
+    device: str = "cpu",
+) -> list[str]:
+    """Greedy replies (left-padded batches), decoded without special tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=pad,
+        )
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    return [out[i] for i in range(len(prompts))]
+
+
+def rouge_l(replies: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 (rouge-score, Porter stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(
+        replies, references, strict=True)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+@dataclass
+class EvalConfig:
+    """What `evaluate` measures; the CLI fills it from flags."""
+
+    model: str
+    cache: str | None = None
+    data: DataSpec | None = None  # prompt/response or chat data for ROUGE-L
+    teacher: str | None = None  # also generate with the teacher for its ROUGE-L
+    tokenizer: str | None = None
+    device: str = "cpu"
+    batch_tokens: int = 8192
+    limit: int | None = None  # sequences of the cache
+    max_new_tokens: int = 64
+    gen_batch_size: int = 8
+    samples_out: str | None = None  # JSONL of prompts, replies and references
+    trust_remote_code: bool = False
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the configured evaluations; returns {"student": {...}, "teacher": {...}, ...}."""
+    model = load_causal_lm(cfg.model, dtype="fp32", device=cfg.device,
+                           trust_remote_code=cfg.trust_remote_code)
+    result: dict = {"model": cfg.model, "student": {}, "teacher": {}}
+    if cfg.cache:
+        m = cache_metrics(model, cfg.cache, cfg.device, cfg.batch_tokens, cfg.limit, cfg.model)
+        result["cache"] = cfg.cache
+        result["tokens"] = m["tokens"]
+        result["student"].update(m.get("student", {}))
+        result["teacher"].update(m.get("teacher", {}))
+    if cfg.data is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+        pairs = generation_prompts(load_rows(cfg.data), tokenizer, cfg.data)
+        prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+        samples = {"reference": refs}
+        for role, path in (("student", cfg.model), ("teacher", cfg.teacher)):
+            if path is None:
+                continue
+            lm = model if role == "student" else load_causal_lm(
+                path, dtype="fp32", device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+            replies = generate_replies(lm, tokenizer, prompts, cfg.max_new_tokens,
+                                       cfg.gen_batch_size, cfg.device)
+            result[role]["rouge_l"] = rouge_l(replies, refs)
+            samples[role] = replies
+        result["generations"] = len(prompts)
+        if cfg.samples_out:
+            with open(cfg.samples_out, "w") as f:
+                for i, ids in enumerate(prompts):
+                    row = {"prompt": tokenizer.decode(ids), **{k: v[i] for k, v in samples.items()}}
+                    f.write(json.dumps(row) + "\n")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Metrics as an aligned text table: one row per metric, student and teacher columns."""
+    keys = list(dict.fromkeys([*result.get("student", {}), *result.get("teacher", {})]))
+    lines = [f"{'metric':18s} {'student':>12s} {'teacher':>12s}"]
+    for key in keys:
+        cells = []
+        for role in ("student", "teacher"):
+            v = result.get(role, {}).get(key)
+            cells.append(f"{v:12.5g}" if isinstance(v, float) else f"{'-':>12s}")
+        lines.append(f"{key:18s} {cells[0]} {cells[1]}")
+    return "\n".join(lines)
+
+
+PLOT_KEYS = ("loss", "ce", "lr", "grad_norm", "tokens_per_s")
+
+
+def plot_runs(run_dirs: list[str], output: str) -> str:
+    """PNG of training curves (loss, cross-entropy, lr, grad norm, tokens/s vs step) read from
+    each run's metrics.jsonl, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4 * len(PLOT_KEYS), 3.2))
+    for run in run_dirs:
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.exists(path):
+            raise UserError(f"{run} has no metrics.jsonl: give a train-student output folder")
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        steps = [r["step"] for r in records]
+        for ax, key in zip(axes, PLOT_KEYS, strict=True):
+            ax.plot(steps, [r.get(key, float("nan")) for r in records],
+                    label=os.path.basename(os.path.normpath(run)))
+    for ax, key in zip(axes, PLOT_KEYS, strict=True):
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

@@ -1,0 +1,386 @@
+"""Streams a cache into training micro-batches: an IterableDataset over whole shards.
+
+The order of one epoch is a pure function of (seed, epoch, shard lengths, layout), so a run
+can be replayed exactly from a checkpoint:
+1. shards are shuffled by (seed, epoch) and dealt to *slots* (one per rank x DataLoader
+   worker), each to the slot with the fewest supervised positions so far: every slot owns
+   whole shards and the ranks' loads differ by less than one shard;
+2. a slot walks its shards in order, each shard's sequences in a seeded permutation, through
+   a shuffle buffer of `shuffle_buffer` sequences;
+3. every `group_size` sequences out of the buffer are sorted by length and cut into
+   micro-batches of at most `batch_tokens` tokens (padded B x T, or packed into one row),
+   and those micro-batches are emitted in a shuffled order.
+Only the shards a slot is drawing from are held in memory, and the teacher stays sparse
+(top-k rows) all the way to the device.
+
+Resuming: a `Cursor` records the epoch, how many micro-batches each slot delivered, and which
+sequences were consumed. With the same layout (ranks x workers) and settings the slots
+replay their plans and skip what was delivered (exact); with another layout the epoch's plan
+is rebuilt over the sequences not yet consumed (each is still seen once per epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from atkd_cache.cache.reader import Cache, open_cache
+
+# (shard index, sequence index inside the shard, number of tokens)
+SeqRef = tuple[int, int, int]
+
+
+@dataclass
+class LoaderConfig:
+    """How sequences become micro-batches."""
+
+    batch_tokens: int = 8192  # padded tokens (B x T) per micro-batch, or the packed length
+    pack: bool = False  # pack sequences into one row (block-diagonal attention)
+    shuffle: bool = True
+    shuffle_buffer: int = 1024  # sequences
+    group_size: int = 256  # sequences sorted by length together
+    num_workers: int = 1
+    prefetch: int = 2  # micro-batches per worker
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ValueError on a setting that cannot work."""
+        for name in ("batch_tokens", "shuffle_buffer", "group_size", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class Cursor:
+    """Position of a run inside its data, saved in checkpoints.
+
+    `slot_batches[s]` micro-batches of slot s were trained on, in the plan filtered by
+    `base_consumed` (None: unfiltered); `consumed` marks every sequence trained on in this
+    epoch, whatever the layout."""
+
+    epoch: int = 0
+    world_size: int = 1
+    num_workers: int = 1
+    slot_batches: list[int] = dataclasses.field(default_factory=list)
+    settings: dict = dataclasses.field(default_factory=dict)  # loader_settings() it ran with
+    consumed: np.ndarray | None = None  # [num_sequences] bool
+    base_consumed: np.ndarray | None = None
+
+
+def loader_settings(cfg: LoaderConfig) -> dict:
+    """The settings that decide the data order (replay needs them unchanged)."""
+    ignored = ("num_workers", "prefetch")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
+
+
+def slot_count(world_size: int, num_workers: int) -> int:
+    """Slots = ranks x DataLoader workers (a worker-less loader is one slot per rank)."""
+    return world_size * max(1, num_workers)
+
+
+def assign_shards(
+    shard_weights: list[int], slots: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Deal shards (in a seeded order) to slots, each to the currently lightest slot."""
+    order = np.arange(len(shard_weights))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch, 0]).permutation(len(shard_weights))
+    loads = [0] * slots
+    owned: list[list[int]] = [[] for _ in range(slots)]
+    for shard in order.tolist():
+        lightest = loads.index(min(loads))
+        owned[lightest].append(shard)
+        loads[lightest] += shard_weights[shard]
+    return owned
+
+
+def _shuffle_buffer(items: Iterator[SeqRef], size: int, rng) -> Iterator[SeqRef]:
+    buffer: list[SeqRef] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)).tolist():
+        yield buffer[j]
+
+
+def cut_batches(group: list[SeqRef], batch_tokens: int, pack: bool) -> list[list[SeqRef]]:
+    """Sort by length, then cut into batches: padded B x max_len (or packed sum of lengths)
+    at most `batch_tokens`; a longer sequence becomes a batch of its own."""
+    batches: list[list[SeqRef]] = []
+    current: list[SeqRef] = []
+    used = 0
+    for ref in sorted(group, key=lambda r: r[2]):
+        n = ref[2]
+        size = used + n if pack else (len(current) + 1) * n
+        if current and size > batch_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(ref)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan_slot(
+    shards: list[int],
+    lengths_of,
+    cfg: LoaderConfig,
+    epoch: int,
+    slot: int,
+    exclude: np.ndarray | None = None,
+    first_sequence: list[int] | None = None,
+    on_shard=None,
+) -> Iterator[list[SeqRef]]:
+    """The micro-batches (lists of sequence refs) one slot delivers in one epoch.
+
+    `lengths_of(shard)` gives the shard's token count per sequence; sequences whose global
+    index (first_sequence[shard] + local) is set in `exclude` are left out; `on_shard(shard,
+    count)` is told how many sequences of a shard the plan will use."""
+    rng = np.random.default_rng([cfg.seed, epoch, slot + 1])
+
+    def sequences() -> Iterator[SeqRef]:
+        for shard in shards:
+            lengths = lengths_of(shard)
+            locals_ = np.arange(len(lengths))
+            if cfg.shuffle:
+                locals_ = np.random.default_rng([cfg.seed, epoch, 0, shard]).permutation(
+                    len(lengths)
+                )
+            if exclude is not None:
+                locals_ = locals_[~exclude[first_sequence[shard] + locals_]]
+            if on_shard is not None:
+                on_shard(shard, len(locals_))
+            for local in locals_.tolist():
+                yield shard, local, int(lengths[local])
+
+    stream = sequences()
+    if cfg.shuffle:
+        stream = _shuffle_buffer(stream, cfg.shuffle_buffer, rng)
+    group: list[SeqRef] = []
+    for ref in stream:
+        group.append(ref)
+        if len(group) == cfg.group_size:
+            yield from _emit(group, cfg, rng)
+            group = []
+    if group:
+        yield from _emit(group, cfg, rng)
+
+
+def _emit(group: list[SeqRef], cfg: LoaderConfig, rng) -> list[list[SeqRef]]:
+    batches = cut_batches(group, cfg.batch_tokens, cfg.pack)
+    if cfg.shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
+    return batches
+
+
+def collate(
+    parts: list[tuple[int, dict[str, np.ndarray], int]], pack: bool
+) -> dict[str, torch.Tensor]:
+    """Build one micro-batch from (global index, shard arrays, local index) triples.
+
+    `rows` indexes the flattened [B * T] positions whose next token is supervised, in the
+    same order as the teacher arrays; `group_offsets` delimits each sequence's rows."""
+    seqs = [_slice(arrays, local) for _, arrays, local in parts]
+    lengths = [len(s["input_ids"]) for s in seqs]
+    if pack:
+        width = sum(lengths)
+        input_ids = np.concatenate([s["input_ids"] for s in seqs])[None].astype(np.int64)
+        position_ids = np.concatenate([np.arange(n) for n in lengths])[None]
+        starts = np.cumsum([0, *lengths[:-1]])
+    else:
+        width = max(lengths)
+        input_ids = np.zeros((len(seqs), width), dtype=np.int64)
+        attention_mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for b, s in enumerate(seqs):
+            input_ids[b, : lengths[b]] = s["input_ids"]
+            attention_mask[b, : lengths[b]] = 1
+        starts = np.arange(len(seqs)) * width
+    rows_of = [
+        start + np.flatnonzero(s["supervised"]) for start, s in zip(starts, seqs, strict=True)
+    ]
+    counts = [len(r) for r in rows_of]
+    cat = {
+        name: np.concatenate([s[name] for s in seqs])
+        for name in ("topk_ids", "topk_logprobs", "target_logprob", "uncertainty", "hard")
+    }
+    target_ids = np.concatenate([s["input_ids"][1:][s["supervised"]] for s in seqs])
+    batch = {
+        "input_ids": torch.from_numpy(input_ids),
+        "rows": torch.from_numpy(np.concatenate(rows_of).astype(np.int64)),
+        "group_offsets": torch.from_numpy(np.cumsum([0, *counts]).astype(np.int64)),
+        "seq_index": torch.tensor([g for g, _, _ in parts], dtype=torch.int64),
+        "topk_ids": torch.from_numpy(cat["topk_ids"].astype(np.int32)),
+        "topk_logprobs": torch.from_numpy(cat["topk_logprobs"]),
+        "target_ids": torch.from_numpy(target_ids.astype(np.int64)),
+        "target_logprob": torch.from_numpy(cat["target_logprob"]),
+        "uncertainty": torch.from_numpy(cat["uncertainty"]),
+        "hard": torch.from_numpy(cat["hard"]),
+        "real_tokens": torch.tensor(sum(lengths)),
+        "max_id": torch.tensor(
+            max(int(input_ids.max()), int(cat["topk_ids"].max()) if cat["topk_ids"].size else 0)
+        ),
+    }
+    if pack:
+        batch["position_ids"] = torch.from_numpy(position_ids.astype(np.int64))
+    else:
+        batch["attention_mask"] = torch.from_numpy(attention_mask)
+    return batch
+
+
+def _slice(arrays: dict[str, np.ndarray], local: int) -> dict[str, np.ndarray]:
+    t0, t1 = arrays["token_offsets"][local : local + 2]
+    s0, s1 = arrays["sup_offsets"][local : local + 2]
+    p0, p1 = t0 - local, t1 - local - 1  # each sequence has n - 1 positions
+    out = {"input_ids": arrays["input_ids"][t0:t1], "supervised": arrays["supervised"][p0:p1]}
+    for name in ("topk_ids", "topk_logprobs", "target_logprob", "uncertainty", "hard"):
+        out[name] = arrays[name][s0:s1]
+    return out
+
+
+class CacheDataset(IterableDataset):
+    """Micro-batches of one rank's share of a cache for one epoch (`set_epoch` between
+    epochs). Every DataLoader worker opens the cache itself, lazily: fsspec clients are not
+    fork-safe. Batches carry `slot` and `seq_index` so the trainer can keep a `Cursor`."""
+
+    def __init__(
+        self,
+        path: str,
+        cfg: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        resume: Cursor | None = None,
+    ):
+        cfg.check()
+        self.path, self.cfg = path, cfg
+        self.rank, self.world_size = rank, world_size
+        self.epoch = resume.epoch if resume else 0
+        self.resume = resume
+        self._cache: Cache | None = None
+
+    @property
+    def cache(self) -> Cache:
+        """The opened cache (opened on first use, in whichever process uses it)."""
+        if self._cache is None:
+            self._cache = open_cache(self.path)
+        return self._cache
+
+    def __getstate__(self):  # never ship an opened store to a worker process
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration delivers."""
+        self.epoch = epoch
+
+    @property
+    def workers(self) -> int:
+        """Slots per rank."""
+        return max(1, self.cfg.num_workers)
+
+    def resume_mode(self) -> str | None:
+        """How the resume cursor applies to the current epoch: replay, filter or None."""
+        r = self.resume
+        if r is None or r.epoch != self.epoch:
+            return None
+        same = (r.world_size, r.num_workers, r.settings) == (
+            self.world_size, self.workers, loader_settings(self.cfg)
+        )
+        return "replay" if same else "filter"
+
+    def _rotation(self) -> int:
+        """Which logical slot DataLoader worker 0 plays: the trainer took micro-batches from
+        this rank's workers round-robin, so the next one is due from worker (taken mod n)."""
+        if self.resume_mode() != "replay":
+            return 0
+        mine = self.resume.slot_batches[self.rank * self.workers : (self.rank + 1) * self.workers]
+        return sum(mine) % self.workers
+
+    def slot_plan(self, slot: int, on_shard=None) -> tuple[Iterator[list[SeqRef]], int]:
+        """(the plan of one slot for the current epoch, how many of its micro-batches were
+        already trained on and must be skipped). Reads only the shards' offsets."""
+        cache = self.cache
+        weights = [row["num_supervised"] for row in cache.shard_rows]
+        slots = slot_count(self.world_size, self.cfg.num_workers)
+        owned = assign_shards(weights, slots, self.cfg.seed, self.epoch, self.cfg.shuffle)[slot]
+        mode, skip, exclude = self.resume_mode(), 0, None
+        if mode == "replay":
+            skip, exclude = self.resume.slot_batches[slot], self.resume.base_consumed
+        elif mode == "filter":
+            exclude = self.resume.consumed
+
+        def lengths_of(shard: int) -> np.ndarray:
+            return np.diff(cache.read_shard(shard, ("token_offsets",))["token_offsets"])
+
+        first = [row["first_sequence"] for row in cache.shard_rows]
+        plan = plan_slot(owned, lengths_of, self.cfg, self.epoch, slot, exclude, first, on_shard)
+        return plan, skip
+
+    def base_consumed(self) -> np.ndarray | None:
+        """The filter the current epoch's plan was built with (for the next cursor)."""
+        mode = self.resume_mode()
+        if mode == "replay":
+            return self.resume.base_consumed
+        if mode == "filter":
+            return self.resume.consumed
+        return None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = self.rank * self.workers + (worker + self._rotation()) % self.workers
+        cache = self.cache
+        # A shard stays decoded until every sequence the plan takes from it was delivered.
+        loaded: dict[int, dict[str, np.ndarray]] = {}
+        pending: dict[int, int] = {}
+        plan, skip = self.slot_plan(slot, on_shard=pending.__setitem__)
+        for i, refs in enumerate(plan):
+            if i >= skip:
+                parts = []
+                for shard, local, _ in refs:
+                    if shard not in loaded:
+                        loaded[shard] = cache.read_shard(shard)
+                    first = cache.shard_rows[shard]["first_sequence"]
+                    parts.append((first + local, loaded[shard], local))
+                batch = collate(parts, self.cfg.pack)
+                batch["slot"] = torch.tensor(slot)
+                yield batch
+            for shard, _, _ in refs:
+                pending[shard] -= 1
+                if pending[shard] == 0:
+                    loaded.pop(shard, None)
+
+
+def plan_sizes(dataset: CacheDataset) -> list[int]:
+    """Micro-batches each rank will deliver in the dataset's current epoch (no data read
+    beyond the shards' offsets)."""
+    per_rank = [0] * dataset.world_size
+    for slot in range(slot_count(dataset.world_size, dataset.cfg.num_workers)):
+        plan, skip = dataset.slot_plan(slot)
+        per_rank[slot // dataset.workers] += sum(1 for _ in plan) - skip
+    return per_rank
+
+
+def make_loader(dataset: CacheDataset, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over already-collated micro-batches."""
+    workers = dataset.cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=dataset.cfg.prefetch if workers else None,
+        persistent_workers=False,
+    )

@@ -1,0 +1,149 @@
+"""Students: compatibility with a cache, layer-subset initialisation, and logits at the
+supervised rows only (the LM head never runs on prompt or padding positions)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import torch
+from torch import nn
+
+from atkd_cache.cache.schema import CacheCard
+from atkd_cache.errors import UserError
+from atkd_cache.fingerprint import tokenizer_fingerprint
+from atkd_cache.models import load_causal_lm, load_tokenizer
+
+
+def check_compatible(card: CacheCard, tokenizer, width: int, student: str) -> None:
+    """The student must tokenize exactly as the teacher did and have a logit for every id the
+    tokenizer can produce (a padded, larger logits width is fine)."""
+    mine = tokenizer_fingerprint(tokenizer)
+    if mine != card.tokenizer_fingerprint:
+        raise UserError(
+            f"tokenizer mismatch: student {student} has {mine[:19]}…, the cache's teacher "
+            f"{card.teacher_id} has {card.tokenizer_fingerprint[:19]}…: a student must use "
+            "the teacher's tokenizer (pass --tokenizer, or pick a student of the same family)"
+        )
+    if width < card.tokenizer_vocab_size:
+        raise UserError(
+            f"vocabulary mismatch: student {student} has {width} logits, the cache's teacher "
+            f"{card.teacher_id} has a vocabulary of {card.tokenizer_vocab_size} ids: the "
+            "student's output layer must cover every id"
+        )
+
+
+def check_ids(max_id: int, width: int, student: str) -> None:
+    """Refuse a batch holding a cached token id the student has no logit for."""
+    if max_id >= width:
+        raise UserError(
+            f"the cache holds token id {max_id} but student {student} has only {width} "
+            "logits: use a student whose output layer covers the teacher's logits"
+        )
+
+
+def _decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """(qualified name, module list) of the transformer blocks."""
+    count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and name:
+            return name, module
+    raise UserError(f"cannot find the {count} transformer layers of {type(model).__name__}")
+
+
+def parse_layers(spec: str, total: int) -> list[int]:
+    """'0,3,7' (explicit, 0-based) or '6' (six layers evenly spaced, first and last kept)."""
+    try:
+        if "," in spec:
+            layers = [int(x) for x in spec.split(",") if x.strip()]
+        else:
+            n = int(spec)
+            if not 1 <= n <= total:
+                raise UserError(f"--layers {n}: the teacher has {total} layers; pick 1..{total}")
+            layers = sorted({int(round(x)) for x in np.linspace(0, total - 1, n)})
+    except ValueError:
+        raise UserError(f"--layers must be a count or a comma list of indices, got {spec!r}") \
+            from None
+    bad = [i for i in layers if not 0 <= i < total]
+    if bad or len(set(layers)) != len(layers) or layers != sorted(layers):
+        raise UserError(
+            f"--layers {spec}: indices must be distinct, increasing and in 0..{total - 1}"
+        )
+    return layers
+
+
+def init_student(
+    teacher: str, layers: str, output: str, trust_remote_code: bool = False
+) -> list[int]:
+    """Save a student that keeps a subset of the teacher's layers (DistilBERT-style init):
+    same embeddings, final norm and LM head, the chosen blocks renumbered. Returns the
+    kept layer indices. Written to a temp folder and renamed, so `output` is all or nothing."""
+    from transformers import AutoModelForCausalLM
+
+    if os.path.exists(output):
+        raise UserError(f"{output} already exists: choose a new --output folder")
+    model = load_causal_lm(teacher, dtype="fp32", trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    prefix, blocks = _decoder_layers(model)
+    keep = parse_layers(layers, len(blocks))
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    for attr in ("layer_types",):  # per-layer settings (e.g. sliding vs full attention)
+        if isinstance(getattr(config, attr, None), list):
+            setattr(config, attr, [getattr(config, attr)[i] for i in keep])
+    if hasattr(config, "quantization_config"):  # a GGUF teacher: the student is plain fp32
+        del config.quantization_config
+    renumber = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1 :].split(".", 1)
+            if int(index) not in renumber:
+                continue
+            key = f"{prefix}.{renumber[int(index)]}.{rest}"
+        state[key] = value
+    student = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k} if student.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise UserError(f"cannot map teacher weights onto the student: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    tmp = output.rstrip("/") + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, output)
+    return keep
+
+
+class RowLogits(nn.Module):
+    """Wraps a causal LM so that forward returns logits [N, V] only at flat row indices into
+    the [B * T] positions. DDP wraps this module, so gradient sync sees the whole forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        rows: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits at `rows`. Packed batches pass position_ids and no attention mask:
+        transformers then builds block-diagonal causal attention from the position resets."""
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        picked = hidden.flatten(0, 1).index_select(0, rows)
+        logits = self.model.get_output_embeddings()(picked)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+

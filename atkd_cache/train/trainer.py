@@ -1,0 +1,512 @@
+"""`train-student`: stream a cache into a KD loss and train a Hugging Face student.
+
+One optimizer step = `grad_accum` micro-batches per rank. Micro-batch i on a rank is weighted
+by its share n_i / N of the step's supervised tokens over all ranks, so cross-entropy and
+plain KD are exact token means over the whole step; ATKD (a mix of per-group means, as in the
+paper) becomes the token-weighted average of its per-micro-batch values. An epoch ends for
+every rank as soon as one rank has no micro-batch left (DDP needs all ranks to step); the
+few left-over micro-batches are counted in the epoch's log line.
+
+Run directory:
+    run.json  metrics.jsonl  tb/  checkpoints/step-XXXXXXXX/  model/  summary.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from atkd_cache import __version__
+from atkd_cache.cache.reader import open_cache
+from atkd_cache.errors import UserError
+from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
+from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
+from atkd_cache.train import checkpoint
+from atkd_cache.train.loader import (
+    CacheDataset,
+    Cursor,
+    LoaderConfig,
+    loader_settings,
+    make_loader,
+    plan_sizes,
+    slot_count,
+)
+from atkd_cache.train.student import RowLogits, check_compatible, check_ids
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train-student` needs; the CLI fills it from flags."""
+
+    cache: str
+    student: str
+    output: str
+    tokenizer: str | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_accum: int = 1
+    clip: float = 1.0  # max grad norm; 0 = no clipping
+    max_steps: int | None = None
+    epochs: int | None = None
+    precision: str = "auto"  # bf16 autocast where the device supports it
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+    log_sequences: bool = False  # sequences-rank<r>.jsonl: which sequences each step used
+    progress: bool = True
+    tensorboard: bool = True
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        """Raise UserError on settings that cannot work."""
+        try:
+            self.loss.check()
+            self.loader.check()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if self.max_steps is None and self.epochs is None:
+            raise UserError("give --max-steps or --epochs (or both: whichever comes first)")
+        for name in ("grad_accum", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("--lr must be > 0 and --min-lr-ratio in [0, 1]")
+
+    def to_json(self) -> dict:
+        """The config as JSON (run.json, checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op alone)."""
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks, as float64 on this rank's device."""
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device).clone()
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun job if there is one: NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=None)
+    rank = dist.get_rank() if world > 1 else 0
+    return Dist(rank=rank, world=world, device=dev)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter's bytes (checks that DDP ranks ended identical)."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sparse_teacher(batch: dict, device: torch.device) -> SparseTeacher:
+    """The cached teacher rows of a micro-batch, on `device`, in the loss's types."""
+    return SparseTeacher(
+        topk_ids=batch["topk_ids"].to(device, non_blocking=True).long(),
+        topk_logprobs=batch["topk_logprobs"].to(device, non_blocking=True).float(),
+        target_ids=batch["target_ids"].to(device, non_blocking=True),
+        target_logprob=batch["target_logprob"].to(device, non_blocking=True),
+        hard=batch["hard"].to(device, non_blocking=True),
+        uncertainty=batch["uncertainty"].to(device, non_blocking=True),
+    )
+
+
+def forward_rows(net, batch: dict, device: torch.device) -> torch.Tensor:
+    """Student logits at the batch's supervised rows."""
+    kwargs = {
+        k: batch[k].to(device, non_blocking=True)
+        for k in ("attention_mask", "position_ids")
+        if k in batch
+    }
+    return net(
+        batch["input_ids"].to(device, non_blocking=True),
+        batch["rows"].to(device, non_blocking=True),
+        **kwargs,
+    )
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard + progress bar, on rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, start: int, total: int):
+        self.active = rank == 0
+        self.path = os.path.join(cfg.output, "metrics.jsonl")
+        self.tb = None
+        self.bar = None
+        if not self.active:
+            return
+        _truncate_jsonl(self.path, start)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.output, "tb"), purge_step=start + 1)
+        if cfg.progress:
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step")
+
+    def step(self, record: dict) -> None:
+        """Append one metrics record (and mirror it to TensorBoard and the bar)."""
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+        if self.bar is not None:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+
+    def close(self) -> None:
+        """Flush and close the writers."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop records past `last_step` (a resumed run rewrites them)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _prepare_output(cfg: TrainConfig, d: Dist) -> str | None:
+    """Validate the run folder; returns the checkpoint to resume from (or None)."""
+    run_json = os.path.join(cfg.output, "run.json")
+    if cfg.resume:
+        ckpt = checkpoint.latest_checkpoint(cfg.output)
+        if ckpt is None:
+            raise UserError(f"--resume: {cfg.output} has no checkpoint to resume from")
+        return ckpt
+    if os.path.exists(run_json):
+        raise UserError(
+            f"{cfg.output} already holds a run: pass --resume to continue it, or choose "
+            "another --output"
+        )
+    d.barrier()  # every rank has checked before rank 0 creates the folder
+    if d.rank == 0:
+        os.makedirs(cfg.output, exist_ok=True)
+    return None
+
+
+def _save_checkpoint(cfg, d: Dist, model, optimizer, state: dict, cursor: Cursor) -> str:
+    tmp = checkpoint.checkpoint_path(cfg.output, state["step"]) + ".tmp"
+    if d.rank == 0:
+        checkpoint.start(cfg.output, state["step"])
+    d.barrier()
+    meta = checkpoint.write_rank_rng(tmp, d.rank)
+    metas = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(metas, meta)
+    else:
+        metas = [meta]
+    final = checkpoint.checkpoint_path(cfg.output, state["step"])
+    if d.rank == 0:
+        checkpoint.write_main(tmp, model, optimizer, state, cursor, metas)
+        checkpoint.commit(tmp, cfg.keep_checkpoints)
+    d.barrier()
+    return final
+
+
+def _gather_cursor(d: Dist, epoch, slot_counts, consumed, base, cfg) -> Cursor:
+    counts = d.sum(slot_counts).long().tolist()
+    mask = torch.from_numpy(consumed.astype(np.uint8)).to(d.device)
+    if d.world > 1:
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+    return Cursor(
+        epoch=epoch, world_size=d.world, num_workers=max(1, cfg.loader.num_workers),
+        slot_batches=counts, settings=loader_settings(cfg.loader),
+        consumed=mask.cpu().numpy().astype(bool), base_consumed=base,
+    )
+
+
+def _open_sequence_log(cfg: TrainConfig, rank: int, step: int):
+    if not cfg.log_sequences:
+        return None
+    path = os.path.join(cfg.output, f"sequences-rank{rank}.jsonl")
+    _truncate_jsonl(path, step)
+    return open(path, "a")  # noqa: SIM115 (closed at the end of the run)
+
+
+def _steps_in_epoch(dataset: CacheDataset, accum: int) -> int:
+    return min(math.ceil(b / accum) for b in plan_sizes(dataset))
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train a student on a cache; returns the run summary (also written to summary.json)."""
+    cfg.check()
+    d = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, d, log if d.rank == 0 else (lambda m: None))
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist, log) -> dict:
+    cache = open_cache(cfg.cache)
+    if len(cache) == 0:
+        raise UserError(f"{cfg.cache} has no committed sequences")
+    slots = slot_count(d.world, cfg.loader.num_workers)
+    if len(cache.shard_rows) < slots:
+        raise UserError(
+            f"{cfg.cache} has {len(cache.shard_rows)} shards for {slots} loader slots (ranks x "
+            "workers): lower --num-workers, or re-dump with a smaller --shard-positions"
+        )
+    resume_from = _prepare_output(cfg, d)
+    torch.manual_seed(cfg.seed * 1000 + d.rank)
+    random.seed(cfg.seed * 1000 + d.rank)
+    np.random.seed(cfg.seed * 1000 + d.rank)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
+    model = load_causal_lm(cfg.student, dtype="fp32", device=str(d.device),
+                           trust_remote_code=cfg.trust_remote_code)
+    width = logits_width(model)
+    check_compatible(cache.card, tokenizer, width, cfg.student)
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net = RowLogits(model)
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=cfg.betas)
+
+    step, tokens_seen, cursor = 0, 0, None
+    if resume_from is not None:
+        state = checkpoint.read_state(resume_from)
+        checkpoint.load_into(resume_from, state, model, optimizer, d.rank)
+        cursor = checkpoint.read_cursor(resume_from, state)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        log(f"resuming from {resume_from} (step {step}, epoch {cursor.epoch})")
+    if d.rank == 0:
+        doc = {"config": cfg.to_json(), "world_size": d.world, "tool_version": __version__,
+               "cache_card": cache.card.to_attrs(), "resumed_from": resume_from,
+               "student_logits_width": width}
+        with open(os.path.join(cfg.output, "run.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+
+    dataset = CacheDataset(cfg.cache, cfg.loader, d.rank, d.world, resume=cursor)
+    epoch = cursor.epoch if cursor else 0
+    total = cfg.max_steps if cfg.max_steps is not None else math.inf
+    if cfg.epochs is not None:  # plans are cheap: offsets only, no teacher arrays
+        planned = step
+        for e in range(epoch, cfg.epochs):
+            dataset.set_epoch(e)
+            planned += _steps_in_epoch(dataset, cfg.grad_accum)
+        total = min(total, planned)
+    total = int(total)
+    run_log = RunLog(cfg, d.rank, step, total)
+    autocast = _autocast(cfg, d.device)
+    seq_log = _open_sequence_log(cfg, d.rank, step)
+    last_saved = step if resume_from else -1
+    t_start = t_log = time.perf_counter()
+    tokens_since_log = 0.0
+
+    # Where this rank is in the current epoch (what a checkpoint's cursor is made of).
+    def epoch_state(e: int):
+        dataset.set_epoch(e)
+        resumed = cursor is not None and cursor.epoch == e
+        replay = resumed and dataset.resume_mode() == "replay"
+        counts = list(cursor.slot_batches) if replay else [0] * slots
+        used = cursor.consumed.copy() if resumed else np.zeros(len(cache), bool)
+        return counts, used, dataset.base_consumed()
+
+    slot_counts, consumed, base = epoch_state(epoch)
+    while step < total and (cfg.epochs is None or epoch < cfg.epochs):
+        batches = iter(make_loader(dataset, pin_memory=d.device.type == "cuda"))
+        left_over = 0
+        while step < total:
+            micro = list(itertools.islice(batches, cfg.grad_accum))
+            n_local = [int(b["rows"].numel()) for b in micro]
+            have, n_total, padded, real = d.sum([
+                float(len(micro) > 0), float(sum(n_local)),
+                float(sum(b["input_ids"].numel() for b in micro)),
+                float(sum(int(b["real_tokens"]) for b in micro)),
+            ]).tolist()
+            if have < d.world:  # some rank ran out: the epoch ends for all
+                left_over = len(micro)
+                break
+            for b in micro:
+                check_ids(int(b["max_id"]), width, cfg.student)
+            lr = lr_at(step, cfg, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            for i, (b, n) in enumerate(zip(micro, n_local, strict=True)):
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if (last or d.world == 1) else net.no_sync()
+                with sync:
+                    with autocast:
+                        logits = forward_rows(net, b, d.device)
+                    out = kd_loss(logits, sparse_teacher(b, d.device), cfg.loss,
+                                  group_offsets=b["group_offsets"].to(d.device))
+                    (out.loss * (n * d.world / n_total)).backward()
+                for key, value in out.parts.items():
+                    w = 1.0 if key.endswith("tokens") else n / n_total
+                    sums[key] = sums.get(key, 0.0) + float(value) * w
+            norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.clip if cfg.clip > 0 else math.inf
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += int(n_total)
+            tokens_since_log += n_total
+            for b in micro:
+                slot_counts[int(b["slot"])] += 1
+                consumed[b["seq_index"].numpy()] = True
+            if seq_log is not None:
+                ids = [int(i) for b in micro for i in b["seq_index"]]
+                seq_log.write(json.dumps({"step": step, "epoch": epoch, "seq_index": ids}) + "\n")
+                seq_log.flush()
+            keys = sorted(sums)
+            reduced = d.sum([sums[k] for k in keys]).tolist()
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                run_log.step({
+                    "step": step, "epoch": epoch, "lr": lr, "grad_norm": float(norm),
+                    **dict(zip(keys, reduced, strict=True)),
+                    "supervised_tokens": int(n_total), "tokens_seen": tokens_seen,
+                    "padding": 1 - real / max(padded, 1.0),
+                    "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
+                    "elapsed_s": now - t_start,
+                })
+                t_log, tokens_since_log = now, 0.0
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                cur = _gather_cursor(d, epoch, slot_counts, consumed, base, cfg)
+                state = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_json()}
+                _save_checkpoint(cfg, d, model, optimizer, state, cur)
+                last_saved = step
+        del batches
+        if step >= total and left_over == 0:
+            break
+        log(f"epoch {epoch} ended at step {step} with {int(consumed.sum())}/{len(cache)} "
+            f"sequences seen by rank {d.rank}; {left_over} micro-batch(es) left over there")
+        epoch += 1
+        cursor = None
+        dataset.resume = None
+        slot_counts, consumed, base = epoch_state(epoch)
+
+    if seq_log is not None:
+        seq_log.close()
+    run_log.close()
+    if step != last_saved:
+        cur = _gather_cursor(d, epoch, slot_counts, consumed, base, cfg)
+        state = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_json()}
+        _save_checkpoint(cfg, d, model, optimizer, state, cur)
+    digest = weights_sha256(model)
+    digests = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(digests, digest)
+    else:
+        digests = [digest]
+    summary = {"steps": step, "epochs_started": epoch + 1, "tokens_seen": tokens_seen,
+               "world_size": d.world, "weights_sha256": digests,
+               "ranks_agree": len(set(digests)) == 1,
+               "seconds": time.perf_counter() - t_start}
+    if d.rank == 0:
+        _save_student(model, tokenizer, os.path.join(cfg.output, "model"))
+        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    d.barrier()
+    return summary
+
+
+def _save_student(model, tokenizer, folder: str) -> None:
+    """save_pretrained + tokenizer into a temp folder, then rename (all or nothing)."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
