@@ -374,7 +374,9 @@ def plan_sizes(dataset: CacheDataset) -> list[int]:
 
 
 def make_loader(dataset: CacheDataset, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over already-collated micro-batches."""
+    """A DataLoader over already-collated micro-batches. It gets its own generator: by
+    default each new iterator draws a seed from the global torch RNG, which would make the
+    training run's RNG stream (dropout) depend on when epochs start and runs resume."""
     workers = dataset.cfg.num_workers
     return DataLoader(
         dataset,
@@ -383,4 +385,5 @@ def make_loader(dataset: CacheDataset, pin_memory: bool = False) -> DataLoader:
         pin_memory=pin_memory,
         prefetch_factor=dataset.cfg.prefetch if workers else None,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(dataset.cfg.seed),
     )

@@ -203,6 +203,29 @@ def forward_rows(net, batch: dict, device: torch.device) -> torch.Tensor:
     )
 
 
+def accumulate_gradients(
+    net, micro: list[dict], loss_cfg: LossConfig, d: Dist, n_total: float, autocast=None
+) -> dict[str, float]:
+    """Backward over one step's micro-batches; micro-batch i is weighted by n_i / n_total
+    (its share of the step's supervised tokens on all ranks; DDP then averages over ranks,
+    hence the factor world). Returns this rank's share of the weighted loss parts."""
+    sums: dict[str, float] = {}
+    for i, b in enumerate(micro):
+        n = int(b["rows"].numel())
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if (last or d.world == 1) else net.no_sync()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                logits = forward_rows(net, b, d.device)
+            out = kd_loss(logits, sparse_teacher(b, d.device), loss_cfg,
+                          group_offsets=b["group_offsets"].to(d.device))
+            (out.loss * (n * d.world / n_total)).backward()
+        for key, value in out.parts.items():
+            w = 1.0 if key.endswith("tokens") else n / n_total
+            sums[key] = sums.get(key, 0.0) + float(value) * w
+    return sums
+
+
 class RunLog:
     """metrics.jsonl + TensorBoard + progress bar, on rank 0 only."""
 
@@ -421,19 +444,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
             lr = lr_at(step, cfg, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums: dict[str, float] = {}
-            for i, (b, n) in enumerate(zip(micro, n_local, strict=True)):
-                last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if (last or d.world == 1) else net.no_sync()
-                with sync:
-                    with autocast:
-                        logits = forward_rows(net, b, d.device)
-                    out = kd_loss(logits, sparse_teacher(b, d.device), cfg.loss,
-                                  group_offsets=b["group_offsets"].to(d.device))
-                    (out.loss * (n * d.world / n_total)).backward()
-                for key, value in out.parts.items():
-                    w = 1.0 if key.endswith("tokens") else n / n_total
-                    sums[key] = sums.get(key, 0.0) + float(value) * w
+            sums = accumulate_gradients(net, micro, cfg.loss, d, n_total, autocast)
             norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.clip if cfg.clip > 0 else math.inf
             )
