@@ -22,6 +22,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "fp32"
 
 
+def resolve_device(device: str) -> str:
+    """'auto' is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def split_gguf(path: str) -> tuple[str, str | None]:
     """('folder', 'file.gguf') for a .gguf path, else (path, None)."""
     if path.endswith(".gguf"):
@@ -74,11 +81,30 @@ def load_causal_lm(
         )
     except Exception as e:
         raise UserError(f"cannot load a causal LM from {path}: {first_line(e)}") from None
+    if gguf is not None:
+        model = _without_gguf(model, trust_remote_code)
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"cannot use device {device!r}: {first_line(e)}") from None
     return model.eval()
+
+
+def _without_gguf(model, trust_remote_code: bool):
+    """A model loaded from GGUF is already de-quantized but keeps a quantization config that
+    `save_pretrained` refuses; copy its weights into a plain model of the same architecture
+    so that a GGUF student (or a student built from a GGUF teacher) can be saved."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = next(model.parameters()).dtype
+    plain = AutoModelForCausalLM.from_config(
+        config, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def logits_width(model) -> int:

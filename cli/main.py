@@ -232,7 +232,7 @@ def train_student_cmd(**kw) -> None:
 @click.option("--tokenizer", default=None)
 @click.option("--limit", type=int, default=None, help="Sequences of the cache to use.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", default=None, help="Also write the results as JSON here.")
 @click.option("--samples", default=None, help="Write prompts, replies, references (JSONL).")
 @click.option("--plot", "plot_runs", multiple=True,

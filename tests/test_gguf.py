@@ -38,3 +38,14 @@ def test_dump_from_gguf_teacher(tmp_path):
     last = seq.topk_ids[-1]
     assert tok.decode([int(last[0])]) == " Paris"
     assert np.exp(seq.target_logprob[-1]) > 0.3
+
+    # the same GGUF as a student: one training step, saved as a normal HF folder
+    r = CliRunner().invoke(main, [
+        "train-student", "--cache", str(tmp_path / "c"), "--student", gguf,
+        "-o", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", "--no-tensorboard",
+    ])
+    assert r.exit_code == 0, r.output
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert student.config.num_hidden_layers == 30 and student.config.vocab_size == 49152

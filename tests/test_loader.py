@@ -158,3 +158,12 @@ def test_elastic_resume_covers_the_rest_once(chat_cache):
     # the next epoch ignores the cursor and covers everything again
     nxt, _ = batches(chat_cache, cfg, world=1, epoch=1, resume=cursor)
     assert sorted(i for b in nxt for i in b["seq_index"].tolist()) == list(range(n))
+
+
+def test_reads_a_cache_by_fsspec_url(chat_cache):
+    cfg = LoaderConfig(batch_tokens=300, num_workers=1)
+    local, _ = batches(chat_cache, cfg)
+    remote, _ = batches("file://" + chat_cache, cfg)
+    assert [b["seq_index"].tolist() for b in remote] == [b["seq_index"].tolist() for b in local]
+    assert all(torch.equal(a["topk_ids"], b["topk_ids"]) for a, b in zip(local, remote,
+                                                                         strict=True))

@@ -23,6 +23,7 @@ from atkd_cache.train.student import (
     RowLogits,
     check_compatible,
     check_ids,
+    enable_checkpointing,
     init_student,
     parse_layers,
 )
@@ -214,3 +215,18 @@ def test_rouge_l():
     assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(1.0)
     assert rouge_l(["the cat sat"], ["the cat sat down"]) == pytest.approx(2 * 0.75 / 1.75)
     assert rouge_l(["dogs"], ["cats"]) == 0.0
+
+
+def test_gradient_checkpointing_same_gradients(setup):
+    ds = CacheDataset(setup["cache"], LoaderConfig(batch_tokens=400, num_workers=0))
+    micro = list(make_loader(ds))[:2]
+    n_total = float(sum(b["rows"].numel() for b in micro))
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(setup["student"]).train()
+        if checkpointing:
+            enable_checkpointing(model)
+        accumulate_gradients(RowLogits(model), micro, LossConfig(), Dist(), n_total)
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

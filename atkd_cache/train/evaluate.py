@@ -26,7 +26,7 @@ import torch
 from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig, kd_loss
-from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
+from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_device
 from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader
 from atkd_cache.train.student import RowLogits, check_ids
 from atkd_cache.train.trainer import forward_rows, sparse_teacher
@@ -167,7 +167,7 @@ class EvalConfig:
     data: DataSpec | None = None  # prompt/response or chat data for ROUGE-L
     teacher: str | None = None  # also generate with the teacher for its ROUGE-L
     tokenizer: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     batch_tokens: int = 8192
     limit: int | None = None  # sequences of the cache
     max_new_tokens: int = 64
@@ -178,6 +178,7 @@ class EvalConfig:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the configured evaluations; returns {"student": {...}, "teacher": {...}, ...}."""
+    cfg.device = resolve_device(cfg.device)
     model = load_causal_lm(cfg.model, dtype="fp32", device=cfg.device,
                            trust_remote_code=cfg.trust_remote_code)
     result: dict = {"model": cfg.model, "student": {}, "teacher": {}}

@@ -92,8 +92,6 @@ def init_student(
     for attr in ("layer_types",):  # per-layer settings (e.g. sliding vs full attention)
         if isinstance(getattr(config, attr, None), list):
             setattr(config, attr, [getattr(config, attr)[i] for i in keep])
-    if hasattr(config, "quantization_config"):  # a GGUF teacher: the student is plain fp32
-        del config.quantization_config
     renumber = {old: new for new, old in enumerate(keep)}
     state = {}
     for key, value in model.state_dict().items():
@@ -115,6 +113,16 @@ def init_student(
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, output)
     return keep
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (the method was renamed
+    in transformers 5.2x; older versions only have the gradient_* name)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class RowLogits(nn.Module):

@@ -45,7 +45,7 @@ from atkd_cache.train.loader import (
     plan_sizes,
     slot_count,
 )
-from atkd_cache.train.student import RowLogits, check_compatible, check_ids
+from atkd_cache.train.student import RowLogits, check_compatible, check_ids, enable_checkpointing
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -375,7 +375,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     check_compatible(cache.card, tokenizer, width, cfg.student)
     model.train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     net = RowLogits(model)
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,176 @@
+"""Trainer step time and peak memory: cached ATKD vs plain cross-entropy vs online KD with the
+teacher resident, on the same student and the same micro-batches; and loader throughput
+against the trainer's consumption.
+
+Teacher: SmolLM2-135M-Instruct (DESIGN §6), fp32 on CPU. Data: chitchat conversations as
+plain text. Student: the teacher's layers {0, 6, 12, 17, 23, 29} (`init-student --layers 6`).
+Every variant runs in a fresh process (so peak RSS is its own) over the same micro-batches:
+    ce         cross-entropy on the supervised tokens (no teacher at all)
+    atkd       ATKD (fkl base) from the cache: loader batch -> sparse teacher rows
+    kd         bucketed forward KL from the cache
+    online-kd  teacher resident: teacher forward (no grad) at the same rows, dense forward KL
+               over the full vocabulary (what TRL/torchtune-style online KD computes)
+Step = forward + loss + backward + AdamW step; median over the timed steps after one warmup.
+
+    python benchmarks/bench_train.py [--tokens 8000] [--batch-tokens 2048] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from assets import chitchat_texts, smollm2_folder  # noqa: E402
+
+from atkd_cache.data import DataSpec  # noqa: E402
+from atkd_cache.dump import DumpConfig, dump_teacher  # noqa: E402
+from atkd_cache.losses.kd import LossConfig  # noqa: E402
+from atkd_cache.models import load_causal_lm  # noqa: E402
+from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader  # noqa: E402
+from atkd_cache.train.student import RowLogits, init_student  # noqa: E402
+from atkd_cache.train.trainer import Dist, accumulate_gradients, forward_rows  # noqa: E402
+
+VARIANTS = ("ce", "atkd", "kd", "online-kd")
+
+
+def prepare(args) -> tuple[str, str, str]:
+    """(teacher folder, cache, student folder), built once under --workdir."""
+    teacher = smollm2_folder(args.workdir)
+    root = os.path.join(args.workdir, "train-bench")
+    os.makedirs(root, exist_ok=True)
+    data = os.path.join(root, "chitchat.jsonl")
+    cache = os.path.join(root, f"cache-{args.tokens}")
+    if not os.path.exists(os.path.join(cache, "manifest.parquet")):
+        total = 0
+        with open(data, "w") as f:
+            for text in chitchat_texts():
+                f.write(json.dumps({"text": text}) + "\n")
+                total += len(text) // 4
+                if total >= args.tokens:
+                    break
+        dump_teacher(DumpConfig(model=teacher, data=DataSpec(source=data, text_field="text",
+                                                             max_length=256),
+                                output=cache, top_k=32, batch_tokens=4096, batch_size=None,
+                                progress=False), log=lambda m: None)
+    student = os.path.join(root, "student-6L")
+    if not os.path.exists(os.path.join(student, "config.json")):
+        init_student(teacher, "6", student)
+    return teacher, cache, student
+
+
+def micro_batches(cache: str, batch_tokens: int, count: int) -> list[dict]:
+    ds = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, shuffle=False,
+                                          num_workers=0))
+    out = []
+    for b in make_loader(ds):
+        out.append(b)
+        if len(out) == count:
+            break
+    return out
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_variant(args) -> dict:
+    """One variant in this process: timings and memory as JSON."""
+    torch.manual_seed(0)
+    teacher_dir, cache, student_dir = prepare(args)
+    batches = micro_batches(cache, args.batch_tokens, args.steps + 1)
+    student = load_causal_lm(student_dir, dtype="fp32").train()
+    net = RowLogits(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    teacher = None
+    if args.variant == "online-kd":
+        teacher = RowLogits(load_causal_lm(teacher_dir, dtype="fp32").eval())
+    base = rss_mb()
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        n = float(b["rows"].numel())
+        if teacher is None:
+            loss = {"ce": "ce", "atkd": "atkd", "kd": "kd"}[args.variant]
+            accumulate_gradients(net, [b], LossConfig(loss=loss), Dist(), n)
+        else:
+            with torch.no_grad():
+                t_logits = forward_rows(teacher, b, torch.device("cpu"))
+            s_logits = forward_rows(net, b, torch.device("cpu"))
+            loss = torch.nn.functional.kl_div(
+                torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1),
+                log_target=True, reduction="batchmean",
+            )
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i > 0:  # the first step warms up allocator and kernels
+            times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokens = statistics.mean(float(b["rows"].numel()) for b in batches[1:])
+    return {"variant": args.variant, "step_s": statistics.median(times),
+            "tokens_per_step": tokens, "peak_rss_mb": peak, "rss_before_steps_mb": base}
+
+
+def loader_throughput(cache: str, batch_tokens: int, seconds: float) -> dict:
+    """Supervised tokens/s one DataLoader worker delivers (epochs repeated for `seconds`)."""
+    ds = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, num_workers=1))
+    tokens, batches, epoch = 0, 0, 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        ds.set_epoch(epoch)
+        for b in make_loader(ds):
+            tokens += int(b["rows"].numel())
+            batches += 1
+        epoch += 1
+    elapsed = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / elapsed, "batches_per_s": batches / elapsed,
+            "epochs": epoch}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=8000)
+    ap.add_argument("--batch-tokens", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--workdir", default="runs/bench")
+    ap.add_argument("--variant", choices=VARIANTS, default=None)
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    _, cache, _ = prepare(args)
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens),
+               "--batch-tokens", str(args.batch_tokens), "--steps", str(args.steps),
+               "--workdir", args.workdir]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+        print(results[variant], flush=True)
+    ce = results["ce"]
+    print(f"\n{'variant':10s} {'step s':>8s} {'x CE':>6s} {'peak RSS MB':>12s} {'x CE':>6s}")
+    for v, r in results.items():
+        print(f"{v:10s} {r['step_s']:8.2f} {r['step_s'] / ce['step_s']:6.2f} "
+              f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / ce['peak_rss_mb']:6.2f}")
+    online, atkd = results["online-kd"], results["atkd"]
+    print(f"cached ATKD vs online KD: {atkd['step_s'] / online['step_s']:.2f}x time, "
+          f"{online['peak_rss_mb'] - atkd['peak_rss_mb']:.0f} MB less peak memory")
+    load = loader_throughput(cache, args.batch_tokens, seconds=15)
+    consume = atkd["tokens_per_step"] / atkd["step_s"]
+    print(f"loader (1 worker): {load['tokens_per_s']:.0f} supervised tokens/s; trainer (ATKD) "
+          f"consumes {consume:.0f} tokens/s: ratio {load['tokens_per_s'] / consume:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
