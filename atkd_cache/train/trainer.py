@@ -296,6 +296,7 @@ def _prepare_output(cfg: TrainConfig, d: Dist) -> str | None:
     d.barrier()  # every rank has checked before rank 0 creates the folder
     if d.rank == 0:
         os.makedirs(cfg.output, exist_ok=True)
+    d.barrier()
     return None
 
 
@@ -431,16 +432,19 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
         while step < total:
             micro = list(itertools.islice(batches, cfg.grad_accum))
             n_local = [int(b["rows"].numel()) for b in micro]
-            have, n_total, padded, real = d.sum([
+            max_id = max((int(b["max_id"]) for b in micro), default=0)
+            have, n_total, padded, real, bad = d.sum([
                 float(len(micro) > 0), float(sum(n_local)),
                 float(sum(b["input_ids"].numel() for b in micro)),
-                float(sum(int(b["real_tokens"]) for b in micro)),
+                float(sum(int(b["real_tokens"]) for b in micro)), float(max_id >= width),
             ]).tolist()
+            if bad:  # every rank stops, not only the one that saw the id
+                check_ids(max_id, width, cfg.student)
+                raise UserError(f"another rank found a token id outside the student's {width} "
+                                "logits (see its message)")
             if have < d.world:  # some rank ran out: the epoch ends for all
                 left_over = len(micro)
                 break
-            for b in micro:
-                check_ids(int(b["max_id"]), width, cfg.student)
             lr = lr_at(step, cfg, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
