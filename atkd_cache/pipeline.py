@@ -43,7 +43,7 @@ class PipelineConfig:
     """Sizes and steps of the pipeline (the defaults take ~10 minutes on 2 CPU cores)."""
 
     workdir: str = "runs/pipeline"
-    train_conversations: int = 200
+    train_conversations: int = 160
     heldout_conversations: int = 40
     max_messages: int = 6
     max_length: int = 256
@@ -58,8 +58,8 @@ class PipelineConfig:
     losses: list[str] = field(default_factory=lambda: ["kd", "atkd"])
 
 
-QUICK = {"train_conversations": 40, "heldout_conversations": 10, "epochs": 1,
-         "gen_prompts": 6, "max_new_tokens": 16}
+QUICK = {"train_conversations": 32, "heldout_conversations": 10, "epochs": 2,
+         "batch_tokens": 1024, "gen_prompts": 6, "max_new_tokens": 16}
 
 
 def _stage(n: int, what: str, log, t0: float) -> None:

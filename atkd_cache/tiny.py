@@ -1,6 +1,6 @@
 """Tiny, offline stand-ins for real assets: a BPE tokenizer trained on the fly, a random-init
-Llama or GPT-2, and a small synthetic corpus. Used by the tests and the README's demo; they are
-saved to folders and loaded back through the same `from_pretrained` path as real models."""
+Llama or GPT-2, and a small synthetic corpus. Used by the tests; they are saved to folders
+and loaded back through the same `from_pretrained` path as real models."""
 
 from __future__ import annotations
 
