@@ -29,6 +29,7 @@ from atkd_cache.split import hard_labels_np
 
 LABEL_RULE = "per-sequence: hard = UNC >= sorted_UNC[floor((n-1)(1-hard_ratio))]"
 LOGPROB_DTYPES = ("float16", "float32")
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -50,6 +51,13 @@ class DumpConfig:
     logprob_dtype: str = "float16"
     trust_remote_code: bool = False
     progress: bool = True
+    backend: str = "hf"  # hf | vllm
+    # vLLM engine settings (ignored by the hf backend); None = vLLM's default
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
 
 
 @dataclass
@@ -112,18 +120,32 @@ def length_batches(
     return batches
 
 
-def build_card(cfg: DumpConfig, model, tokenizer, data_fingerprint: str) -> CacheCard:
+def teacher_dtype(cfg: DumpConfig) -> str:
+    """The resolved weight dtype (vLLM picks its own device: CUDA when there is one)."""
+    import torch
+
+    device = cfg.device
+    if cfg.backend == "vllm":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_dtype(cfg.dtype, device)
+
+
+def build_card(
+    cfg: DumpConfig, width: int, revision: str | None, tokenizer, data_fingerprint: str
+) -> CacheCard:
     """The cache card for this configuration."""
     spec = cfg.data
-    revision = cfg.revision or getattr(model.config, "_commit_hash", None)
+    exactness = {q: "exact" for q in ("topk", "target_logprob", "entropy", "uncertainty", "hard")}
+    if cfg.backend == "vllm":  # vLLM returns only the top-k: entropy is a bound
+        exactness["entropy"] = "lower_bound"
     return CacheCard(
         teacher_id=cfg.model,
-        teacher_revision=revision,
+        teacher_revision=cfg.revision or revision,
         teacher_weights_hash=weights_hash(cfg.model),
-        teacher_dtype=resolve_dtype(cfg.dtype, cfg.device),
+        teacher_dtype=teacher_dtype(cfg),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         tokenizer_vocab_size=tokenizer_vocab_size(tokenizer),
-        logits_width=logits_width(model),
+        logits_width=width,
         top_k=cfg.top_k,
         temperature=1.0,
         data_source=spec.source,
@@ -136,11 +158,8 @@ def build_card(cfg: DumpConfig, model, tokenizer, data_fingerprint: str) -> Cach
         max_length=spec.max_length,
         label_rule=LABEL_RULE,
         hard_ratio=cfg.hard_ratio,
-        backend="hf",
-        exactness={
-            q: "exact"
-            for q in ("topk", "target_logprob", "entropy", "uncertainty", "hard")
-        },
+        backend=cfg.backend,
+        exactness=exactness,
         logprob_dtype=cfg.logprob_dtype,
         shard_positions=cfg.shard_positions,
         tool_version=__version__,
@@ -150,6 +169,8 @@ def build_card(cfg: DumpConfig, model, tokenizer, data_fingerprint: str) -> Cach
 
 def validate(cfg: DumpConfig) -> None:
     """Refuse impossible settings before anything expensive happens."""
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     if cfg.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {cfg.top_k}")
     if not 0.0 <= cfg.hard_ratio <= 1.0:
@@ -171,10 +192,10 @@ def check_output(path: str) -> None:
         raise UserError(f"cannot write the cache at {path}: {probe} is not a writable folder")
 
 
-def records_for_window(
+def hf_window_outputs(
     model, seqs: list[TokenizedSequence], cfg: DumpConfig, pad_id: int, on_batch=None
-) -> list[SequenceRecord]:
-    """Teacher outputs for a window of sequences, in the window's order."""
+) -> list[dict]:
+    """HF teacher outputs for a window of sequences (length-sorted batches), in order."""
     from atkd_cache.teacher.hf import teacher_outputs
 
     results: list[dict | None] = [None] * len(seqs)
@@ -185,20 +206,48 @@ def records_for_window(
             results[i] = o
         if on_batch is not None:
             on_batch(sum(lengths[i] for i in batch))
-    records = []
-    for s, o in zip(seqs, results, strict=True):
-        records.append(
-            SequenceRecord(
-                seq_id=s.seq_id,
-                input_ids=s.input_ids,
-                supervised=s.supervised,
-                # UNC = 1 - exp(logp) is decreasing in logp, so splitting on -logp gives the
-                # same labels without the ties float32 UNC has at 1.0 (p_g < 6e-8).
-                hard=hard_labels_np(-o["target_logprob"], cfg.hard_ratio),
-                **o,
-            )
+    return results
+
+
+def records_for_window(
+    seqs: list[TokenizedSequence], outputs: list[dict], hard_ratio: float
+) -> list[SequenceRecord]:
+    """Shard records from a backend's per-sequence outputs, with the easy/hard labels."""
+    return [
+        SequenceRecord(
+            seq_id=s.seq_id,
+            input_ids=s.input_ids,
+            supervised=s.supervised,
+            # UNC = 1 - exp(logp) is decreasing in logp, so splitting on -logp gives the
+            # same labels without the ties float32 UNC has at 1.0 (p_g < 6e-8).
+            hard=hard_labels_np(-o["target_logprob"], hard_ratio),
+            **o,
         )
-    return records
+        for s, o in zip(seqs, outputs, strict=True)
+    ]
+
+
+def load_teacher(cfg: DumpConfig, pad_id: int):
+    """(window_outputs(seqs, on_batch) -> per-sequence arrays, logits width, revision)."""
+    if cfg.backend == "vllm":
+        from atkd_cache.teacher.vllm import VllmTeacher
+
+        engine = VllmTeacher(
+            cfg.model, cfg.top_k, teacher_dtype(cfg), tokenizer=cfg.tokenizer,
+            revision=cfg.revision, tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, enforce_eager=cfg.enforce_eager,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        return engine.outputs, engine.logits_width, None
+    model = load_causal_lm(
+        cfg.model, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code
+    )
+
+    def window_outputs(seqs, on_batch=None):
+        return hf_window_outputs(model, seqs, cfg, pad_id, on_batch)
+
+    return window_outputs, logits_width(model), getattr(model.config, "_commit_hash", None)
 
 
 def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
@@ -209,10 +258,8 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     rows = load_rows(cfg.data)
     seqs, stats = tokenize_rows(rows, tokenizer, cfg.data)
-    model = load_causal_lm(
-        cfg.model, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code
-    )
-    width = logits_width(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    window_outputs, width, revision = load_teacher(cfg, pad_id)
     if cfg.top_k > width:
         raise UserError(
             f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({width} logits): lower it"
@@ -223,8 +270,7 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
             f"token id {too_big} is outside the teacher's {width} logits: the tokenizer does "
             f"not belong to this model"
         )
-    card = build_card(cfg, model, tokenizer, stats.fingerprint)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    card = build_card(cfg, width, revision, tokenizer, stats.fingerprint)
     windows = plan_windows(seqs, cfg.shard_positions)
 
     with CacheWriter(cfg.output, card) as writer, ThreadPoolExecutor(1) as pool:
@@ -244,7 +290,9 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
                    desc="teacher pass", dynamic_ncols=True)
         pending: Future | None = None
         for start, end in todo:
-            records = records_for_window(model, seqs[start:end], cfg, pad_id, bar.update)
+            window = seqs[start:end]
+            records = records_for_window(window, window_outputs(window, bar.update),
+                                         cfg.hard_ratio)
             if pending is not None:
                 pending.result()  # at most one shard waits to be written
             pending = pool.submit(writer.write_shard, records, start)

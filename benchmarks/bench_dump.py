@@ -29,7 +29,7 @@ from atkd_cache.cache.schema import SequenceRecord  # noqa: E402
 from atkd_cache.cache.writer import CacheWriter  # noqa: E402
 from atkd_cache.data import DataSpec, TokenizedSequence  # noqa: E402
 from atkd_cache.dump import DumpConfig, build_card, length_batches  # noqa: E402
-from atkd_cache.models import load_causal_lm, load_tokenizer  # noqa: E402
+from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width  # noqa: E402
 from atkd_cache.split import hard_labels_np  # noqa: E402
 from atkd_cache.teacher.hf import pad_batch, teacher_outputs  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> None:
     for k in (8, 32, 64):
         out = os.path.join(args.workdir, f"cache-k{k}")
         shutil.rmtree(out, ignore_errors=True)
-        card = build_card(replace(cfg, top_k=k), model, tok, "bench")
+        card = build_card(replace(cfg, top_k=k), logits_width(model), None, tok, "bench")
         records = []
         for i, s in enumerate(seqs):
             o = outputs[i]

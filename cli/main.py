@@ -63,6 +63,15 @@ def main() -> None:
               help="Supervised positions per shard.")
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of top-k log-probs.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="Teacher engine: transformers, or vLLM's offline engine.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM.")
+@click.option("--max-model-len", type=int, default=None, help="vLLM.")
+@click.option("--gpu-memory-utilization", type=float, default=None,
+              help="vLLM (on its CPU build: share of RAM; default 0.25 there, 0.9 on CUDA).")
+@click.option("--max-num-batched-tokens", type=int, default=None, help="vLLM.")
+@click.option("--enforce-eager", is_flag=True, default=False,
+              help="vLLM: no torch.compile / CUDA graphs (faster start, slower steady state).")
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--no-progress", is_flag=True, default=False)
 @user_errors

@@ -176,3 +176,14 @@ def test_subprocess_error_has_no_traceback(assets, tmp_path):
     r = subprocess.run(CLI + ["info", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_vllm_backend_without_vllm_is_one_line(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    r = CliRunner().invoke(main, [
+        "dump-teacher", "--backend", "vllm", "--model", assets["llama"], "--data",
+        assets["text"], "-o", str(tmp_path / "c"), "--no-progress",
+    ])
+    assert r.exit_code == 2
+    assert r.output.count("error:") == 1 and "needs vLLM" in r.output
+    assert not (tmp_path / "c" / "zarr.json").exists()

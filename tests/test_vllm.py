@@ -1,0 +1,120 @@
+"""The vLLM backend on vLLM's real CPU build (runs in .venv-vllm: scripts/setup-vllm, marker
+`vllm`): parity with the HF backend on the same sequences, one-line errors, and kill -9 +
+resume behaving as with the HF backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from atkd_cache import tiny
+from atkd_cache.cache import open_cache
+from atkd_cache.cache.inspect import verify_cache
+from conftest import dump
+
+pytestmark = pytest.mark.vllm
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+CLI = [sys.executable, "-m", "atkd_cache.cli.main"]
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def teacher(assets, tmp_path_factory):
+    """A tiny random Llama whose head size (64) vLLM's CPU attention supports."""
+    folder = str(tmp_path_factory.mktemp("vllm") / "llama64")
+    tiny.build_tokenizer(folder)
+    tiny.build_model(folder, assets["vocab"], hidden=256, layers=2)
+    return folder
+
+
+def vllm_dump(assets, teacher, out, *extra, popen=False):
+    args = CLI + [
+        "dump-teacher", "--backend", "vllm", "--model", teacher, "--data", assets["chat"],
+        "--messages-field", "messages", "-o", str(out), "--top-k", "8", "--dtype", "fp32",
+        "--logprob-dtype", "float32", "--shard-positions", "200", "--enforce-eager",
+        "--no-progress", *extra,
+    ]
+    if popen:
+        return subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def assert_topk_match(ids_a, lp_a, ids_b, lp_b):
+    """Same values in order; the same id sets except ids tied (within TOL) at the k-th value."""
+    assert np.allclose(lp_a, lp_b, atol=TOL)
+    for row in range(len(ids_a)):
+        differ = set(ids_a[row]) ^ set(ids_b[row])
+        if differ:
+            kth = min(lp_a[row, -1], lp_b[row, -1])
+            values = dict(zip(ids_a[row], lp_a[row], strict=True))
+            values.update(zip(ids_b[row], lp_b[row], strict=True))
+            assert all(abs(values[i] - kth) < TOL for i in differ), row
+
+
+@pytest.fixture(scope="module")
+def caches(assets, teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    assets = {**assets, "llama64": teacher}
+    dump(assets, root / "hf", shape="chat", model="llama64", logprob_dtype="float32")
+    r = vllm_dump(assets, teacher, root / "vllm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return open_cache(root / "hf"), open_cache(root / "vllm")
+
+
+def test_parity_with_hf_backend(caches):
+    hf, vl = caches
+    assert len(hf) == len(vl) > 0 and len(hf.shard_rows) == len(vl.shard_rows) > 1
+    for a, b in zip(hf, vl, strict=True):
+        assert a.seq_id == b.seq_id
+        assert np.array_equal(a.input_ids, b.input_ids)
+        assert np.array_equal(a.supervised, b.supervised)
+        assert np.allclose(a.target_logprob, b.target_logprob, atol=TOL)
+        assert np.allclose(a.uncertainty, b.uncertainty, atol=TOL)
+        assert_topk_match(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs)
+        assert np.array_equal(a.hard, b.hard)
+        assert np.all(b.entropy <= a.entropy + 1e-4)  # vLLM's entropy is a lower bound
+    diff = {k for k, v in hf.card.to_attrs().items() if vl.card.to_attrs()[k] != v}
+    assert diff == {"backend", "exactness", "created_at"}
+    assert vl.card.backend == "vllm" and vl.card.exactness["entropy"] == "lower_bound"
+    assert all(vl.card.exactness[q] == "exact" for q in ("topk", "target_logprob", "hard"))
+    assert verify_cache(vl) == []
+
+
+def test_kill_then_resume_matches(assets, teacher, caches, tmp_path):
+    _, full = caches
+    out = tmp_path / "killed"
+    proc = vllm_dump(assets, teacher, out, popen=True)
+    manifest = out / "manifest.parquet"
+    deadline = time.time() + 600
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(["pkill", "-9", "-f", "EngineCore"], check=False)  # its engine process
+    partial = open_cache(out)
+    assert 0 < len(partial.shard_rows) < len(full.shard_rows), "the dump was not interrupted"
+    assert verify_cache(partial) == []
+    r = vllm_dump(assets, teacher, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming after" in r.stderr
+    resumed = open_cache(out)
+    assert len(resumed) == len(full) and verify_cache(resumed) == []
+    for a, b in zip(full, resumed, strict=True):
+        assert np.allclose(a.target_logprob, b.target_logprob, atol=1e-5)
+        assert_topk_match(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs)
+
+
+def test_top_k_beyond_vocabulary_is_one_line(assets, teacher, tmp_path):
+    r = vllm_dump(assets, teacher, tmp_path / "c", "--top-k", "100000")
+    assert r.returncode == 2
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "exceeds the teacher's vocabulary" in errors[0]
+    assert not (tmp_path / "c" / "zarr.json").exists()
