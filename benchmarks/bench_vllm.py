@@ -89,7 +89,9 @@ def main() -> None:
                "--top-k", str(args.top_k), "--max-length", str(args.max_length),
                "--workdir", args.workdir]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
+        # (vLLM logs to stdout as well: take our one JSON line)
+        line = [x for x in out.splitlines() if x.startswith('{"variant"')][-1]
+        results[variant] = json.loads(line)
     ref = np.load(os.path.join(args.workdir, "bench-vllm-hf.npy"))
     hf = results["hf"]["seconds"]
     for variant, r in results.items():
