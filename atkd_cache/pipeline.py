@@ -192,7 +192,7 @@ def format_results(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the pipeline."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke-size run (~2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="smoke-size run (~2.5 minutes)")
     defaults = PipelineConfig()
     for name, value in asdict(defaults).items():
         if name in ("seeds", "losses"):
