@@ -18,33 +18,19 @@ import sys
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from assets import chitchat_texts, smollm2_folder  # noqa: E402
+from assets import chitchat_sequences, smollm2_folder  # noqa: E402
 
 from atkd_cache.cache.schema import SequenceRecord  # noqa: E402
 from atkd_cache.cache.writer import CacheWriter  # noqa: E402
-from atkd_cache.data import DataSpec, TokenizedSequence  # noqa: E402
+from atkd_cache.data import DataSpec  # noqa: E402
 from atkd_cache.dump import DumpConfig, build_card, length_batches  # noqa: E402
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width  # noqa: E402
 from atkd_cache.split import hard_labels_np  # noqa: E402
 from atkd_cache.teacher.hf import pad_batch, teacher_outputs  # noqa: E402
-
-
-def sequences(tokenizer, tokens: int, max_length: int) -> list[TokenizedSequence]:
-    out, total = [], 0
-    for i, text in enumerate(chitchat_texts()):
-        ids = tokenizer(text)["input_ids"][:max_length]
-        if len(ids) < 2:
-            continue
-        out.append(TokenizedSequence(i, np.asarray(ids), np.ones(len(ids) - 1, dtype=bool)))
-        total += len(ids)
-        if total >= tokens:
-            break
-    return out
 
 
 def main() -> None:
@@ -59,7 +45,7 @@ def main() -> None:
     folder = smollm2_folder(args.workdir)
     tok = load_tokenizer(folder)
     model = load_causal_lm(folder, args.dtype)
-    seqs = sequences(tok, args.tokens, args.max_length)
+    seqs = chitchat_sequences(tok, args.tokens, args.max_length)
     n_tokens = sum(len(s.input_ids) for s in seqs)
     batches = length_batches([len(s.input_ids) for s in seqs], None, args.batch_tokens)
     print(f"teacher SmolLM2-135M-Instruct ({args.dtype}), {len(seqs)} chitchat sequences, "

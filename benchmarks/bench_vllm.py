@@ -22,23 +22,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from atkd_cache.assets import chitchat_texts, smollm2_folder  # noqa: E402
-from atkd_cache.data import TokenizedSequence  # noqa: E402
+from assets import chitchat_sequences  # noqa: E402
+
+from atkd_cache.assets import smollm2_folder  # noqa: E402
 from atkd_cache.dump import DumpConfig, hf_window_outputs  # noqa: E402
 from atkd_cache.models import load_causal_lm, load_tokenizer  # noqa: E402
-
-
-def sequences(tokenizer, tokens: int, max_length: int) -> list[TokenizedSequence]:
-    out, total = [], 0
-    for i, text in enumerate(chitchat_texts()):
-        ids = tokenizer(text)["input_ids"][:max_length]
-        if len(ids) < 2:
-            continue
-        out.append(TokenizedSequence(i, np.asarray(ids), np.ones(len(ids) - 1, dtype=bool)))
-        total += len(ids)
-        if total >= tokens:
-            break
-    return out
 
 
 def timed(fn, seqs) -> tuple[float, list[dict]]:
@@ -74,7 +62,7 @@ def main() -> None:
     ap.add_argument("--variant", default=None, help="(internal) run one variant")
     args = ap.parse_args()
     teacher = smollm2_folder(args.workdir, dtype="fp32")
-    seqs = sequences(load_tokenizer(teacher), args.tokens, args.max_length)
+    seqs = chitchat_sequences(load_tokenizer(teacher), args.tokens, args.max_length)
     n = sum(len(s.input_ids) for s in seqs)
     if args.variant:  # one engine per process: vLLM owns its process's parallel state
         seconds, start, outs = run(args.variant, teacher, seqs, args.top_k)
