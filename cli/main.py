@@ -10,8 +10,7 @@ import sys
 import click
 
 from atkd_cache.errors import UserError
-from atkd_cache.losses.divergences import DIVERGENCES
-from atkd_cache.losses.kd import LOSSES, SPLITS
+from atkd_cache.losses.names import BASES, LOSSES, SPLITS, TAILS
 
 
 def user_errors(fn):
@@ -158,14 +157,14 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--output", "-o", required=True, help="Run folder (checkpoints, metrics, model).")
 @click.option("--tokenizer", default=None, help="Student tokenizer if not the student's own.")
 @click.option("--loss", type=click.Choice(LOSSES), default="atkd", show_default=True)
-@click.option("--base", type=click.Choice(DIVERGENCES), default="fkl", show_default=True,
+@click.option("--base", type=click.Choice(BASES), default="fkl", show_default=True,
               help="Divergence for kd, or under atkd.")
 @click.option("--alpha", type=float, default=0.2, show_default=True,
               help="ATKD weight of easy tokens.")
 @click.option("--hard-ratio", type=float, default=0.5, show_default=True)
 @click.option("--split-scope", type=click.Choice(SPLITS), default="cache", show_default=True,
               help="Easy/hard labels from the cache, or re-split per sequence / batch.")
-@click.option("--tail", type=click.Choice(["bucket", "renorm"]), default="bucket",
+@click.option("--tail", type=click.Choice(TAILS), default="bucket",
               show_default=True)
 @click.option("--ce-weight", type=float, default=0.0, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)

@@ -1,17 +1,25 @@
-"""KD losses over a cached sparse teacher: ATKD and its baselines (docs/losses.md)."""
+"""KD losses over a cached sparse teacher: ATKD and its baselines (docs/losses.md).
 
-from atkd_cache.losses.bucket import BucketedPair, bucketize, student_support_logprobs
-from atkd_cache.losses.divergences import DIVERGENCES, divergence
-from atkd_cache.losses.kd import LossConfig, LossOutput, SparseTeacher, kd_loss
+The names below load on first use (PEP 562), so that `atkd_cache.losses.names` can be read
+without importing torch."""
 
-__all__ = [
-    "DIVERGENCES",
-    "BucketedPair",
-    "LossConfig",
-    "LossOutput",
-    "SparseTeacher",
-    "bucketize",
-    "divergence",
-    "kd_loss",
-    "student_support_logprobs",
-]
+from importlib import import_module
+
+_WHERE = {
+    "BucketedPair": "bucket",
+    "bucketize": "bucket",
+    "student_support_logprobs": "bucket",
+    "DIVERGENCES": "divergences",
+    "divergence": "divergences",
+    "LossConfig": "kd",
+    "LossOutput": "kd",
+    "SparseTeacher": "kd",
+    "kd_loss": "kd",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"atkd_cache.losses.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'atkd_cache.losses' has no attribute {name!r}")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from atkd_cache.losses.names import TAILS
+
 # float32 elements upcast at once (4 MiB): one reused, cache-resident buffer, so the loss
 # streams the logits once per pass direction and adds no [N, V] allocation but the gradient.
 CHUNK_ELEMENTS = 1 << 20
@@ -134,7 +136,7 @@ def bucketize(
     temperature tau != 1 re-tempers the teacher on the support: p_i^(1/tau), and the tail
     bucket treated as one token, r^(1/tau); then renormalised (an approximation, docs).
     """
-    if tail not in ("bucket", "renorm"):
+    if tail not in TAILS:
         raise ValueError(f"tail must be 'bucket' or 'renorm', got {tail!r}")
     ids, valid = support_columns(topk_ids, target_ids)
     lq_support, lq_tail = student_support_logprobs(logits, ids, valid, chunk_rows)

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from atkd_cache.losses.names import BASES
+
 
 def kl(lp: torch.Tensor, lq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum_i p_i (log p_i - log q_i) over masked-in columns with p_i > 0."""
@@ -74,6 +76,7 @@ def srkl(lp, lq, mask, skew: float = 0.1, **_):
 
 
 DIVERGENCES = {"fkl": fkl, "rkl": rkl, "jsd": jsd, "tvd": tvd, "skl": skl, "srkl": srkl}
+assert tuple(DIVERGENCES) == BASES  # the CLI's choices come from names.BASES
 
 
 def divergence(name: str, lp, lq, mask, beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:

@@ -16,10 +16,8 @@ import torch
 
 from atkd_cache.losses.bucket import BucketedPair, bucketize
 from atkd_cache.losses.divergences import DIVERGENCES, divergence
+from atkd_cache.losses.names import LOSSES, SPLITS
 from atkd_cache.split import hard_labels, hard_labels_grouped
-
-LOSSES = ("atkd", "kd", "ce")
-SPLITS = ("cache", "sequence", "batch")
 
 
 @dataclass
