@@ -97,7 +97,8 @@ class Cache:
             self._loaded = (shard, self.read_shard(shard))
         return self._loaded[1]
 
-    def _sequence_from(self, arrays: dict, shard: int, local: int) -> CachedSequence:
+    def sequence_in(self, arrays: dict, shard: int, local: int) -> CachedSequence:
+        """Sequence `local` of a shard whose decoded arrays are given (views, no copies)."""
         t0, t1 = arrays["token_offsets"][local : local + 2]
         s0, s1 = arrays["sup_offsets"][local : local + 2]
         p0, p1 = t0 - local, t1 - local - 1  # each sequence has n - 1 positions
@@ -122,14 +123,14 @@ class Cache:
             raise IndexError(f"sequence {index} out of range (cache has {self.num_sequences})")
         shard = bisect.bisect_right(self._starts, index) - 1
         local = index - self._starts[shard]
-        return self._sequence_from(self.shard_arrays(shard), shard, local)
+        return self.sequence_in(self.shard_arrays(shard), shard, local)
 
     def __iter__(self) -> Iterator[CachedSequence]:
         """All sequences in cache order, one shard in memory at a time."""
         for shard, row in enumerate(self.shard_rows):
             arrays = self.shard_arrays(shard)
             for local in range(row["num_sequences"]):
-                yield self._sequence_from(arrays, shard, local)
+                yield self.sequence_in(arrays, shard, local)
 
     def batches(self, batch_size: int) -> Iterator[list[CachedSequence]]:
         """Consecutive lists of `batch_size` sequences (the last may be shorter)."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from atkd_cache.cache.reader import Cache, open_cache
+from atkd_cache.cache.reader import Cache, CachedSequence, open_cache
 
 # (shard index, sequence index inside the shard, number of tokens)
 SeqRef = tuple[int, int, int]
@@ -185,18 +185,14 @@ def _emit(group: list[SeqRef], cfg: LoaderConfig, rng) -> list[list[SeqRef]]:
     return batches
 
 
-def collate(
-    parts: list[tuple[int, dict[str, np.ndarray], int]], pack: bool
-) -> dict[str, torch.Tensor]:
-    """Build one micro-batch from (global index, shard arrays, local index) triples.
+def collate(seqs: list[CachedSequence], pack: bool) -> dict[str, torch.Tensor]:
+    """Build one micro-batch from sequences read from a cache.
 
     `rows` indexes the flattened [B * T] positions whose next token is supervised, in the
     same order as the teacher arrays; `group_offsets` delimits each sequence's rows."""
-    seqs = [_slice(arrays, local) for _, arrays, local in parts]
-    lengths = [len(s["input_ids"]) for s in seqs]
+    lengths = [len(s.input_ids) for s in seqs]
     if pack:
-        width = sum(lengths)
-        input_ids = np.concatenate([s["input_ids"] for s in seqs])[None].astype(np.int64)
+        input_ids = np.concatenate([s.input_ids for s in seqs])[None].astype(np.int64)
         position_ids = np.concatenate([np.arange(n) for n in lengths])[None]
         starts = np.cumsum([0, *lengths[:-1]])
     else:
@@ -204,26 +200,26 @@ def collate(
         input_ids = np.zeros((len(seqs), width), dtype=np.int64)
         attention_mask = np.zeros((len(seqs), width), dtype=np.int64)
         for b, s in enumerate(seqs):
-            input_ids[b, : lengths[b]] = s["input_ids"]
+            input_ids[b, : lengths[b]] = s.input_ids
             attention_mask[b, : lengths[b]] = 1
         starts = np.arange(len(seqs)) * width
     rows_of = [
-        start + np.flatnonzero(s["supervised"]) for start, s in zip(starts, seqs, strict=True)
+        start + np.flatnonzero(s.supervised) for start, s in zip(starts, seqs, strict=True)
     ]
     counts = [len(r) for r in rows_of]
     cat = {
-        name: np.concatenate([s[name] for s in seqs])
-        for name in ("topk_ids", "topk_logprobs", "target_logprob", "uncertainty", "hard")
+        name: np.concatenate([getattr(s, name) for s in seqs])
+        for name in ("topk_ids", "topk_logprobs", "target_logprob", "uncertainty", "hard",
+                     "target_ids")
     }
-    target_ids = np.concatenate([s["input_ids"][1:][s["supervised"]] for s in seqs])
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "rows": torch.from_numpy(np.concatenate(rows_of).astype(np.int64)),
         "group_offsets": torch.from_numpy(np.cumsum([0, *counts]).astype(np.int64)),
-        "seq_index": torch.tensor([g for g, _, _ in parts], dtype=torch.int64),
+        "seq_index": torch.tensor([s.index for s in seqs], dtype=torch.int64),
         "topk_ids": torch.from_numpy(cat["topk_ids"].astype(np.int32)),
         "topk_logprobs": torch.from_numpy(cat["topk_logprobs"]),
-        "target_ids": torch.from_numpy(target_ids.astype(np.int64)),
+        "target_ids": torch.from_numpy(cat["target_ids"].astype(np.int64)),
         "target_logprob": torch.from_numpy(cat["target_logprob"]),
         "uncertainty": torch.from_numpy(cat["uncertainty"]),
         "hard": torch.from_numpy(cat["hard"]),
@@ -237,16 +233,6 @@ def collate(
     else:
         batch["attention_mask"] = torch.from_numpy(attention_mask)
     return batch
-
-
-def _slice(arrays: dict[str, np.ndarray], local: int) -> dict[str, np.ndarray]:
-    t0, t1 = arrays["token_offsets"][local : local + 2]
-    s0, s1 = arrays["sup_offsets"][local : local + 2]
-    p0, p1 = t0 - local, t1 - local - 1  # each sequence has n - 1 positions
-    out = {"input_ids": arrays["input_ids"][t0:t1], "supervised": arrays["supervised"][p0:p1]}
-    for name in ("topk_ids", "topk_logprobs", "target_logprob", "uncertainty", "hard"):
-        out[name] = arrays[name][s0:s1]
-    return out
 
 
 class CacheDataset(IterableDataset):
@@ -348,13 +334,12 @@ class CacheDataset(IterableDataset):
         plan, skip = self.slot_plan(slot, on_shard=pending.__setitem__)
         for i, refs in enumerate(plan):
             if i >= skip:
-                parts = []
+                seqs = []
                 for shard, local, _ in refs:
                     if shard not in loaded:
                         loaded[shard] = cache.read_shard(shard)
-                    first = cache.shard_rows[shard]["first_sequence"]
-                    parts.append((first + local, loaded[shard], local))
-                batch = collate(parts, self.cfg.pack)
+                    seqs.append(cache.sequence_in(loaded[shard], shard, local))
+                batch = collate(seqs, self.cfg.pack)
                 batch["slot"] = torch.tensor(slot)
                 yield batch
             for shard, _, _ in refs:
