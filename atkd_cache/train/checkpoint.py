@@ -44,9 +44,14 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(root, done[-1]) if done else None
 
 
+def temp_path(run_dir: str, step: int) -> str:
+    """Folder a checkpoint is assembled in before `commit` renames it."""
+    return checkpoint_path(run_dir, step) + ".tmp"
+
+
 def start(run_dir: str, step: int) -> str:
     """Create (fresh) the temp folder a checkpoint is assembled in; returns its path."""
-    tmp = checkpoint_path(run_dir, step) + ".tmp"
+    tmp = temp_path(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp

@@ -300,10 +300,13 @@ def _prepare_output(cfg: TrainConfig, d: Dist) -> str | None:
     return None
 
 
-def _save_checkpoint(cfg, d: Dist, model, optimizer, state: dict, cursor: Cursor) -> str:
-    tmp = checkpoint.checkpoint_path(cfg.output, state["step"]) + ".tmp"
+def _save_checkpoint(
+    cfg, d: Dist, model, optimizer, step: int, tokens_seen: int, cursor: Cursor
+) -> None:
+    state = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_json()}
+    tmp = checkpoint.temp_path(cfg.output, step)
     if d.rank == 0:
-        checkpoint.start(cfg.output, state["step"])
+        checkpoint.start(cfg.output, step)
     d.barrier()
     meta = checkpoint.write_rank_rng(tmp, d.rank)
     metas = [None] * d.world
@@ -311,12 +314,10 @@ def _save_checkpoint(cfg, d: Dist, model, optimizer, state: dict, cursor: Cursor
         dist.all_gather_object(metas, meta)
     else:
         metas = [meta]
-    final = checkpoint.checkpoint_path(cfg.output, state["step"])
     if d.rank == 0:
         checkpoint.write_main(tmp, model, optimizer, state, cursor, metas)
         checkpoint.commit(tmp, cfg.keep_checkpoints)
     d.barrier()
-    return final
 
 
 def _gather_cursor(d: Dist, epoch, slot_counts, consumed, base, cfg) -> Cursor:
@@ -479,8 +480,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
                 t_log, tokens_since_log = now, 0.0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 cur = _gather_cursor(d, epoch, slot_counts, consumed, base, cfg)
-                state = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_json()}
-                _save_checkpoint(cfg, d, model, optimizer, state, cur)
+                _save_checkpoint(cfg, d, model, optimizer, step, tokens_seen, cur)
                 last_saved = step
         del batches
         if step >= total and left_over == 0:
@@ -497,8 +497,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     run_log.close()
     if step != last_saved:
         cur = _gather_cursor(d, epoch, slot_counts, consumed, base, cfg)
-        state = {"step": step, "tokens_seen": tokens_seen, "config": cfg.to_json()}
-        _save_checkpoint(cfg, d, model, optimizer, state, cur)
+        _save_checkpoint(cfg, d, model, optimizer, step, tokens_seen, cur)
     digest = weights_sha256(model)
     digests = [None] * d.world
     if d.world > 1:
