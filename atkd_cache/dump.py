@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from tqdm.auto import tqdm
 
 from atkd_cache import __version__
-from atkd_cache.cache.schema import CacheCard, SequenceRecord
+from atkd_cache.cache.schema import ENCODINGS, MAX_SAMPLES, MODES, CacheCard, SequenceRecord
 from atkd_cache.cache.writer import CacheWriter
 from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
 from atkd_cache.errors import UserError
@@ -52,6 +52,10 @@ class DumpConfig:
     trust_remote_code: bool = False
     progress: bool = True
     backend: str = "hf"  # hf | vllm
+    mode: str = "topk"  # topk | sampled
+    num_samples: int = 50  # draws per position in sampled mode
+    sample_seed: int = 0
+    encoding: str = "standard"  # standard | packed
     # vLLM engine settings (ignored by the hf backend); None = vLLM's default
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
@@ -138,7 +142,14 @@ def build_card(
     exactness = {q: "exact" for q in ("topk", "target_logprob", "entropy", "uncertainty", "hard")}
     if cfg.backend == "vllm":  # vLLM returns only the top-k: entropy is a bound
         exactness["entropy"] = "lower_bound"
-    return CacheCard(
+    sampled = cfg.mode == "sampled"
+    if sampled:  # unbiased draws from the full distribution instead of a top-k
+        del exactness["topk"]
+        exactness["samples"] = "unbiased"
+    if cfg.encoding == "packed":  # float mantissas rounded (schema.PACKED_KEEPBITS)
+        for q in ("target_logprob", "entropy", "uncertainty") + (() if sampled else ("topk",)):
+            exactness[q] = "rounded"
+    card = CacheCard(
         teacher_id=cfg.model,
         teacher_revision=cfg.revision or revision,
         teacher_weights_hash=weights_hash(cfg.model),
@@ -146,7 +157,7 @@ def build_card(
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         tokenizer_vocab_size=tokenizer_vocab_size(tokenizer),
         logits_width=width,
-        top_k=cfg.top_k,
+        top_k=0 if sampled else cfg.top_k,
         temperature=1.0,
         data_source=spec.source,
         data_split=spec.split,
@@ -163,14 +174,31 @@ def build_card(
         logprob_dtype=cfg.logprob_dtype,
         shard_positions=cfg.shard_positions,
         tool_version=__version__,
+        mode=cfg.mode,
+        num_samples=cfg.num_samples if sampled else 0,
+        sample_seed=cfg.sample_seed if sampled else 0,
+        encoding=cfg.encoding,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    card.format_version = card.needed_version  # plain top-k caches stay readable by v1 tools
+    return card
 
 
 def validate(cfg: DumpConfig) -> None:
     """Refuse impossible settings before anything expensive happens."""
     if cfg.backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.encoding not in ENCODINGS:
+        raise UserError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {cfg.encoding!r}")
+    if cfg.mode == "sampled" and not 1 <= cfg.num_samples <= MAX_SAMPLES:
+        raise UserError(f"--num-samples must be in 1..{MAX_SAMPLES}, got {cfg.num_samples}")
+    if cfg.mode == "sampled" and cfg.backend == "vllm":
+        raise UserError(
+            "--mode sampled needs the full distribution, which vLLM does not return for prompt "
+            "tokens: use --backend hf"
+        )
     if cfg.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {cfg.top_k}")
     if not 0.0 <= cfg.hard_ratio <= 1.0:
@@ -200,8 +228,13 @@ def hf_window_outputs(
 
     results: list[dict | None] = [None] * len(seqs)
     lengths = [len(s.input_ids) for s in seqs]
+    sampled = cfg.mode == "sampled"
+    k = 0 if sampled else cfg.top_k
+    n_samples = cfg.num_samples if sampled else 0
     for batch in length_batches(lengths, cfg.batch_size, cfg.batch_tokens):
-        outs = teacher_outputs(model, [seqs[i] for i in batch], cfg.top_k, pad_id)
+        outs = teacher_outputs(
+            model, [seqs[i] for i in batch], k, pad_id, n_samples, cfg.sample_seed
+        )
         for i, o in zip(batch, outs, strict=True):
             results[i] = o
         if on_batch is not None:

@@ -51,7 +51,17 @@ def main() -> None:
 @click.option("--messages-field", default=None, help="Chat: list of {role, content}.")
 @click.option("--max-length", type=int, default=None, help="Truncate to N tokens.")
 @click.option("--limit", type=int, default=None, help="Use only the first N examples.")
-@click.option("--top-k", type=int, default=32, show_default=True)
+@click.option("--top-k", type=int, default=32, show_default=True, help="Top-k mode: ids kept.")
+@click.option("--mode", type=click.Choice(["topk", "sampled"]), default="topk",
+              show_default=True,
+              help="topk: top-k ids + log-probs; sampled: unbiased draws from the teacher.")
+@click.option("--num-samples", type=int, default=50, show_default=True,
+              help="Sampled mode: draws per position (1..255).")
+@click.option("--sample-seed", type=int, default=0, show_default=True,
+              help="Sampled mode: draws are seeded by (seed, sequence id).")
+@click.option("--encoding", type=click.Choice(["standard", "packed"]), default="standard",
+              show_default=True,
+              help="packed: rounded float mantissas + delta-coded ids (smaller, docs).")
 @click.option("--hard-ratio", type=float, default=0.5, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
               show_default=True, help="Teacher weights; auto = bf16 on CUDA, fp32 on CPU.")

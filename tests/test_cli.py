@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 from atkd_cache import tiny
 from atkd_cache.cache import open_cache
-from atkd_cache.cache.schema import ALL_ARRAYS
 from atkd_cache.cli.main import main
 
 CLI = [sys.executable, "-m", "atkd_cache.cli.main"]
@@ -33,7 +32,7 @@ def dump_args(assets, data, out, *extra, shard_positions="400"):
 
 def all_arrays(path):
     cache = open_cache(path)
-    return {k: cache.column(k) for k in ALL_ARRAYS if k not in ("token_offsets", "sup_offsets")}
+    return {k: cache.column(k) for k in cache.array_names if not k.endswith("_offsets")}
 
 
 def test_kill_9_at_several_moments_then_resume_equals_uninterrupted(assets, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from atkd_cache.cache.reader import Cache
-from atkd_cache.cache.schema import ALL_ARRAYS, SHARDS_GROUP
+from atkd_cache.cache.schema import SHARDS_GROUP
 from atkd_cache.cache.writer import array_sha256
 from atkd_cache.errors import first_line
 
@@ -38,6 +38,10 @@ def cache_info(cache: Cache) -> dict:
         "hard_fraction": cache.num_hard / max(1, cache.num_supervised),
         "uncertainty": _summary(cache.column("uncertainty")),
         "entropy": _summary(cache.column("entropy")),
+        **(
+            {"unique_samples_per_position": _summary(cache.column("sample_sizes"))}
+            if cache.card.mode == "sampled" else {}
+        ),
     }
 
 
@@ -57,7 +61,7 @@ def verify_cache(cache: Cache) -> list[str]:
             problems.append(f"{name}: listed in the manifest but missing")
             continue
         arrays = {}
-        for key in ALL_ARRAYS:
+        for key in cache.array_names:
             try:
                 arrays[key] = group[key][...]
             except KeyError:
@@ -68,12 +72,14 @@ def verify_cache(cache: Cache) -> list[str]:
                 continue
             if array_sha256(arrays[key]) != row[f"sha256_{key}"]:
                 problems.append(f"{name}/{key}: sha256 differs from the manifest")
-        if len(arrays) == len(ALL_ARRAYS):
-            problems += _check_counts(name, row, arrays)
+        if len(arrays) == len(cache.array_names):
+            problems += _check_counts(name, row, arrays, cache.card.num_samples)
     return problems
 
 
-def _check_counts(name: str, row: dict, a: dict[str, np.ndarray]) -> list[str]:
+def _check_counts(
+    name: str, row: dict, a: dict[str, np.ndarray], num_samples: int
+) -> list[str]:
     out = []
     s = row["num_sequences"]
     expect = {
@@ -93,5 +99,32 @@ def _check_counts(name: str, row: dict, a: dict[str, np.ndarray]) -> list[str]:
         out.append(f"{name}/sup_offsets: does not end at the supervised count")
     if int(a["hard"].sum()) != row["num_hard"]:
         out.append(f"{name}/hard: {int(a['hard'].sum())} hard, manifest says {row['num_hard']}")
+    if "sample_ids" in a:
+        out += _check_samples(name, row, a, num_samples)
+    return out
+
+
+def _check_samples(name: str, row: dict, a: dict[str, np.ndarray], num_samples: int) -> list[str]:
+    """Sampled caches: sizes, offsets and counts agree (every position holds num_samples)."""
+    out = []
+    sizes = a["sample_sizes"].astype(np.int64)
+    if sizes.shape[0] != row["num_supervised"]:
+        out.append(f"{name}/sample_sizes: {sizes.shape[0]} rows, manifest says "
+                   f"{row['num_supervised']}")
+        return out
+    if a["sample_offsets"].shape[0] != row["num_sequences"] + 1:
+        out.append(f"{name}/sample_offsets: {a['sample_offsets'].shape[0]} rows, expected "
+                   f"{row['num_sequences'] + 1}")
+    total = int(sizes.sum())
+    if a["sample_ids"].shape[0] != total or a["sample_counts"].shape[0] != total:
+        out.append(f"{name}/sample_ids: {a['sample_ids'].shape[0]} entries, sample_sizes "
+                   f"add up to {total}")
+        return out
+    if a["sample_offsets"][-1] != total:
+        out.append(f"{name}/sample_offsets: does not end at the sample entry count")
+    per_position = np.add.reduceat(a["sample_counts"].astype(np.int64),
+                                   np.cumsum(sizes) - sizes) if total else np.zeros(0)
+    if sizes.size and (sizes.min() < 1 or (per_position != num_samples).any()):
+        out.append(f"{name}/sample_counts: some positions do not hold {num_samples} draws")
     return out
 

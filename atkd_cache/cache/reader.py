@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import zarr
 
 from atkd_cache.cache.schema import (
-    ALL_ARRAYS,
     MANIFEST_FILE,
     MANIFEST_SCHEMA,
     SHARDS_GROUP,
     CacheCard,
     SequenceRecord,
+    arrays_for,
 )
 from atkd_cache.errors import UserError
 
@@ -81,15 +81,18 @@ class Cache:
         self.num_supervised = sum(r["num_supervised"] for r in rows)
         self.num_hard = sum(r["num_hard"] for r in rows)
         self.num_bytes = sum(r["bytes"] for r in rows)
+        self.array_names = arrays_for(self.card.mode)
         self._loaded: tuple[int, dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return self.num_sequences
 
-    def read_shard(self, shard: int, names: tuple[str, ...] = ALL_ARRAYS) -> dict[str, np.ndarray]:
+    def read_shard(
+        self, shard: int, names: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
         """Some or all arrays of one shard, decoded (zarr verifies the crc32c on read)."""
         group = self.root[SHARDS_GROUP][self.shard_rows[shard]["shard"]]
-        return {name: group[name][...] for name in names}
+        return {name: group[name][...] for name in names or self.array_names}
 
     def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """All arrays of one shard; the most recent shard is kept for random access."""
@@ -102,17 +105,22 @@ class Cache:
         t0, t1 = arrays["token_offsets"][local : local + 2]
         s0, s1 = arrays["sup_offsets"][local : local + 2]
         p0, p1 = t0 - local, t1 - local - 1  # each sequence has n - 1 positions
+        per_position = {"topk_ids", "topk_logprobs", "sample_sizes"}
+        extra = {name: arrays[name][s0:s1] for name in per_position if name in arrays}
+        if "sample_offsets" in arrays:
+            e0, e1 = arrays["sample_offsets"][local : local + 2]
+            extra.update(sample_ids=arrays["sample_ids"][e0:e1],
+                         sample_counts=arrays["sample_counts"][e0:e1])
         return CachedSequence(
             index=self.shard_rows[shard]["first_sequence"] + local,
             seq_id=int(arrays["seq_ids"][local]),
             input_ids=arrays["input_ids"][t0:t1],
             supervised=arrays["supervised"][p0:p1],
             target_logprob=arrays["target_logprob"][s0:s1],
-            topk_ids=arrays["topk_ids"][s0:s1],
-            topk_logprobs=arrays["topk_logprobs"][s0:s1],
             entropy=arrays["entropy"][s0:s1],
             uncertainty=arrays["uncertainty"][s0:s1],
             hard=arrays["hard"][s0:s1],
+            **extra,
         )
 
     def __getitem__(self, index: int) -> CachedSequence:

@@ -13,38 +13,51 @@ Layout of a cache directory (a Zarr v3 hierarchy plus one Parquet file):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Crc32cCodec, Delta
 
 from atkd_cache.errors import UserError
 
 FORMAT_NAME = "atkd-cache"
-FORMAT_VERSION = 1
+# Version 1: top-k caches, standard encoding. Version 2 adds sampled caches and the packed
+# encoding; a cache that uses neither is still written as version 1 (old readers read it).
+FORMAT_VERSION = 2
+MODES = ("topk", "sampled")
+ENCODINGS = ("standard", "packed")
 MANIFEST_FILE = "manifest.parquet"
 SHARDS_GROUP = "shards"
 TMP_DIR = ".tmp"
 LOCK_FILE = ".lock"
 
 # Per-sequence arrays have one row per sequence (+1 for offsets); per-token arrays one row per
-# token of every sequence; per-position arrays one row per *supervised* position (see docs).
+# token of every sequence; per-position arrays one row per *supervised* position; sample
+# arrays one row per (supervised position, unique sampled id) (see docs).
 SEQUENCE_ARRAYS = ("seq_ids", "token_offsets", "sup_offsets")
 TOKEN_ARRAYS = ("input_ids",)
 POSITION_MASK_ARRAYS = ("supervised",)
-SUPERVISED_ARRAYS = (
-    "target_logprob",
-    "topk_ids",
-    "topk_logprobs",
-    "entropy",
-    "uncertainty",
-    "hard",
+SUPERVISED_ARRAYS = ("target_logprob", "entropy", "uncertainty", "hard")
+TOPK_ARRAYS = ("topk_ids", "topk_logprobs")  # per supervised position, [m, k]
+SAMPLED_ARRAYS = ("sample_offsets", "sample_sizes", "sample_ids", "sample_counts")
+MODE_ARRAYS = {"topk": TOPK_ARRAYS, "sampled": SAMPLED_ARRAYS}
+ALL_ARRAYS = (
+    SEQUENCE_ARRAYS + TOKEN_ARRAYS + POSITION_MASK_ARRAYS + SUPERVISED_ARRAYS + TOPK_ARRAYS
+    + SAMPLED_ARRAYS
 )
-ALL_ARRAYS = SEQUENCE_ARRAYS + TOKEN_ARRAYS + POSITION_MASK_ARRAYS + SUPERVISED_ARRAYS
+MAX_SAMPLES = 255  # counts are uint8
 
-# One manifest row per committed shard, in order; sha256_<array> checksums the decoded array.
+
+def arrays_for(mode: str) -> tuple[str, ...]:
+    """The arrays every shard of a cache in this mode holds."""
+    common = SEQUENCE_ARRAYS + TOKEN_ARRAYS + POSITION_MASK_ARRAYS + SUPERVISED_ARRAYS
+    return common + MODE_ARRAYS[mode]
+
+# One manifest row per committed shard, in order; sha256_<array> checksums the decoded array
+# (null for arrays the cache's mode does not have; version-1 manifests lack the sample columns).
 MANIFEST_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),
@@ -88,24 +101,61 @@ def array_dtypes(logits_width: int, logprob_dtype: str) -> dict[str, np.dtype]:
         "entropy": np.dtype("<f4"),
         "uncertainty": np.dtype("<f4"),
         "hard": np.dtype("bool"),
+        "sample_offsets": np.dtype("<i8"),
+        "sample_sizes": np.dtype("u1"),
+        "sample_ids": ids,
+        "sample_counts": np.dtype("u1"),
     }
 
 
-def array_codecs(name: str) -> list:
+def array_codecs(name: str, dtype: np.dtype) -> list:
     """Compressors for one array: Blosc-zstd with a shuffle chosen per array, then crc32c.
 
     Chosen by measurement on a real SmolLM2 cache (benchmarks/bench_codecs.py,
     docs/benchmarks.md): byte shuffle wins on floats (37.7 vs 44.2 bytes/token for k=32
-    log-probs), no shuffle on token ids (48.0 vs 50.2), bit shuffle on booleans. zstd level 9
-    saves 3 % more at 15x the encode time: not worth it.
+    log-probs), no shuffle on 16-bit token ids (48.0 vs 50.2), bit shuffle on booleans. zstd
+    level 9 saves 3 % more at 15x the encode time: not worth it. 32-bit ids (V > 65,536) get
+    byte shuffle: their two high bytes are nearly constant and compress to almost nothing.
     """
     if name in ("supervised", "hard"):
         shuffle = BloscShuffle.bitshuffle
-    elif name in ("input_ids", "topk_ids"):
+    elif name in ("input_ids", "topk_ids", "sample_ids") and dtype.itemsize == 2:
         shuffle = BloscShuffle.noshuffle
     else:
         shuffle = BloscShuffle.shuffle
     return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
+
+
+# The packed encoding (chosen by benchmarks/bench_fidelity.py, docs/benchmarks.md): float
+# mantissas rounded to PACKED_KEEPBITS bits (lossy; the writer rounds before checksumming,
+# so checksums are of what readers decode), sampled ids delta-coded (lossless).
+PACKED_KEEPBITS = {"target_logprob": 10, "entropy": 7, "uncertainty": 10, "topk_logprobs": 7}
+PACKED_DELTA = ("sample_ids",)
+# zarr warns that numcodecs filters are outside the Zarr v3 core spec; docs/cache-format.md
+# says which ones a packed cache uses (zarr-python and numcodecs read them).
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+
+
+def array_filters(name: str, dtype: np.dtype, encoding: str) -> list:
+    """Array-to-array codecs applied before compression (none for the standard encoding)."""
+    if encoding != "packed":
+        return []
+    if name in PACKED_KEEPBITS:
+        return [BitRound(keepbits=PACKED_KEEPBITS[name])]
+    if name in PACKED_DELTA:
+        return [Delta(dtype=dtype.str)]
+    return []
+
+
+def round_for_encoding(name: str, values: np.ndarray, encoding: str) -> np.ndarray:
+    """The values a reader will decode for this array (lossy filters applied, else as is)."""
+    if encoding == "packed" and name in PACKED_KEEPBITS:
+        from numcodecs import BitRound as _BitRound
+
+        return _BitRound(PACKED_KEEPBITS[name]).encode(values).view(values.dtype).reshape(
+            values.shape
+        )
+    return values
 
 
 @dataclass
@@ -141,6 +191,12 @@ class CacheCard:
     logprob_dtype: str
     shard_positions: int
     tool_version: str
+    # "topk" (top-k ids + log-probs) | "sampled" (num_samples draws from the teacher per
+    # position, seeded by (sample_seed, seq_id); unique ids + counts). top_k is 0 if sampled.
+    mode: str = "topk"
+    num_samples: int = 0
+    sample_seed: int = 0
+    encoding: str = "standard"  # "standard" | "packed" (see array_filters)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_at: str = ""
@@ -165,7 +221,18 @@ class CacheCard:
                 f"version reads up to {FORMAT_VERSION}): upgrade atkd-cache"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in attrs.items() if k in names})
+        card = cls(**{k: v for k, v in attrs.items() if k in names})
+        if card.mode not in MODES or card.encoding not in ENCODINGS:
+            raise UserError(
+                f"{where} has mode {card.mode!r} / encoding {card.encoding!r}, which this "
+                f"atkd-cache does not know: upgrade atkd-cache"
+            )
+        return card
+
+    @property
+    def needed_version(self) -> int:
+        """The oldest format version that can read this cache."""
+        return 1 if (self.mode, self.encoding) == ("topk", "standard") else 2
 
     def first_difference(self, other: CacheCard) -> tuple[str, Any, Any] | None:
         """The first field (other than volatile ones) where two cards differ, if any."""
@@ -188,11 +255,16 @@ class SequenceRecord:
     input_ids: np.ndarray  # [n]
     supervised: np.ndarray  # [n - 1] bool
     target_logprob: np.ndarray  # [m]
-    topk_ids: np.ndarray  # [m, k]
-    topk_logprobs: np.ndarray  # [m, k]
     entropy: np.ndarray  # [m]
     uncertainty: np.ndarray  # [m]
     hard: np.ndarray  # [m] bool
+    # top-k mode
+    topk_ids: np.ndarray | None = None  # [m, k]
+    topk_logprobs: np.ndarray | None = None  # [m, k]
+    # sampled mode: position i owns sample_sizes[i] consecutive entries of the flat arrays
+    sample_sizes: np.ndarray | None = None  # [m] unique ids drawn at each position
+    sample_ids: np.ndarray | None = None  # [u] ascending within a position
+    sample_counts: np.ndarray | None = None  # [u] draws of each id (weights count / N)
 
     @property
     def target_ids(self) -> np.ndarray:

@@ -28,12 +28,14 @@ from atkd_cache.cache.schema import (
     MANIFEST_FILE,
     MANIFEST_SCHEMA,
     SHARDS_GROUP,
-    SUPERVISED_ARRAYS,
     TMP_DIR,
     CacheCard,
     SequenceRecord,
     array_codecs,
     array_dtypes,
+    array_filters,
+    arrays_for,
+    round_for_encoding,
 )
 from atkd_cache.errors import UserError
 
@@ -186,7 +188,8 @@ class CacheWriter:
             chunks = (min(CHUNK_ROWS, max(1, values.shape[0])),) + values.shape[1:]
             arr = group.create_array(
                 key, shape=values.shape, dtype=values.dtype, chunks=chunks,
-                compressors=array_codecs(key), fill_value=0,
+                filters=array_filters(key, values.dtype, self.card.encoding),
+                compressors=array_codecs(key, values.dtype), fill_value=0,
             )
             arr[...] = values
             sums[f"sha256_{key}"] = array_sha256(values)
@@ -213,6 +216,7 @@ class CacheWriter:
         return row
 
     def _concatenate(self, records: list[SequenceRecord]) -> dict[str, np.ndarray]:
+        """The shard's arrays, as readers will decode them (lossy encodings applied)."""
         k = self.card.top_k
         lengths = np.array([len(r.input_ids) for r in records], dtype=np.int64)
         sup_counts = np.array([len(r.target_logprob) for r in records], dtype=np.int64)
@@ -225,11 +229,17 @@ class CacheWriter:
             "token_offsets": np.concatenate([[0], np.cumsum(lengths)]),
             "sup_offsets": np.concatenate([[0], np.cumsum(sup_counts)]),
         }
-        for key in ("input_ids", "supervised") + SUPERVISED_ARRAYS:
+        if self.card.mode == "sampled":
+            entries = [len(r.sample_ids) for r in records]
+            out["sample_offsets"] = np.concatenate([[0], np.cumsum(entries)]).astype(np.int64)
+        for key in arrays_for(self.card.mode):
+            if key in out:
+                continue
             parts = [getattr(r, key) for r in records]
             if key.startswith("topk_"):
                 parts = [p.reshape(-1, k) for p in parts]
-            out[key] = np.concatenate(parts).astype(self.dtypes[key], copy=False)
+            values = np.concatenate(parts).astype(self.dtypes[key], copy=False)
+            out[key] = round_for_encoding(key, values, self.card.encoding)
         return out
 
     def _write_manifest(self, rows: list[dict]) -> None:

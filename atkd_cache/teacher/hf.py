@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from atkd_cache.data import TokenizedSequence
-from atkd_cache.teacher.extract import position_stats
+from atkd_cache.teacher.extract import position_stats, unique_counts
 
 
 def pad_batch(
@@ -26,24 +26,55 @@ def pad_batch(
     return ids, attention, sup
 
 
+def sequence_uniforms(seq_id: int, positions: int, num_samples: int, seed: int) -> torch.Tensor:
+    """The uniforms [positions, num_samples] behind one sequence's samples: a generator of
+    its own per (seed, seq_id), so samples do not depend on batching, order or ranks."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + seq_id) % (2**63))
+    return torch.rand(positions, num_samples, generator=gen, dtype=torch.float64)
+
+
+def split_samples(draws: np.ndarray) -> dict[str, np.ndarray]:
+    """One sequence's draws [m, S] -> the cache's sample arrays (unique ids and counts)."""
+    sizes, ids, counts = unique_counts(draws)
+    return {"sample_sizes": sizes, "sample_ids": ids, "sample_counts": counts}
+
+
 @torch.inference_mode()
 def teacher_outputs(
-    model, seqs: list[TokenizedSequence], k: int, pad_id: int = 0
+    model,
+    seqs: list[TokenizedSequence],
+    k: int,
+    pad_id: int = 0,
+    num_samples: int = 0,
+    sample_seed: int = 0,
 ) -> list[dict[str, np.ndarray]]:
     """Run the teacher on a batch of sequences (right-padded) and return, per sequence, the
-    float32 top-k ids/log-probs, target log-prob, entropy and uncertainty of every supervised
-    position, in increasing position order."""
+    float32 target log-prob, entropy and uncertainty of every supervised position (in
+    increasing position order), with the top-k ids/log-probs (k > 0) or, when num_samples > 0,
+    the unique ids drawn from the teacher and their counts (sampled mode)."""
     device = next(model.parameters()).device
     ids, attention, sup = (t.to(device) for t in pad_batch(seqs, pad_id))
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
     targets = torch.roll(ids, -1, dims=1)[sup]
     rows = torch.nonzero(sup.reshape(-1)).squeeze(1)  # flat (b, t) rows; no logits copy
-    stats = position_stats(logits, targets, k, rows=rows)
-    del logits
     counts = sup.sum(1).tolist()
-    host = {name: t.cpu().numpy() for name, t in vars(stats).items()}
+    uniforms = None
+    if num_samples:
+        uniforms = torch.cat([
+            sequence_uniforms(s.seq_id, c, num_samples, sample_seed)
+            for s, c in zip(seqs, counts, strict=True)
+        ]).to(device)
+    stats = position_stats(logits, targets, k, rows=rows, uniforms=uniforms)
+    del logits
+    host = {name: t.cpu().numpy() for name, t in vars(stats).items() if t is not None}
+    draws = host.pop("draws", None)
+    if num_samples:
+        del host["topk_ids"], host["topk_logprobs"]
     out, lo = [], 0
     for c in counts:
-        out.append({name: a[lo : lo + c] for name, a in host.items()})
+        one = {name: a[lo : lo + c] for name, a in host.items()}
+        if draws is not None:
+            one.update(split_samples(draws[lo : lo + c]))
+        out.append(one)
         lo += c
     return out
