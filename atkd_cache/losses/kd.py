@@ -6,6 +6,8 @@ ATKD (Zhong et al., ACL 2024; official code WHU-ZQH/ATKD):
     DKD = D(P^, Q^)     with P^ = P without the target, renormalised (same for Q)
     L   = alpha * mean_easy(DKD) + (1 - alpha) * mean_hard(TKD + DKD)   (+ ce_weight * CE)
 For D = KL: KL(P || Q) = TKD + (1 - p_g) DKD exactly, also for the bucketed distributions.
+A sampled teacher (sample_ids/sample_counts instead of a top-k) goes through
+losses/sampled.py: forward KL, CE and ATKD over forward KL.
 """
 
 from __future__ import annotations
@@ -17,19 +19,30 @@ import torch
 from atkd_cache.losses.bucket import BucketedPair, bucketize
 from atkd_cache.losses.divergences import DIVERGENCES, divergence
 from atkd_cache.losses.names import LOSSES, SPLITS
+from atkd_cache.losses.sampled import sampled_terms
 from atkd_cache.split import hard_labels, hard_labels_grouped
 
 
 @dataclass
 class SparseTeacher:
-    """What the cache holds for N supervised positions (rows aligned with the student's)."""
+    """What the cache holds for N supervised positions (rows aligned with the student's):
+    a top-k teacher (topk_ids/topk_logprobs) or a sampled one (sample_ids/sample_counts,
+    padded per row with count 0, and the entropy)."""
 
-    topk_ids: torch.Tensor  # [N, k] long
-    topk_logprobs: torch.Tensor  # [N, k]
+    topk_ids: torch.Tensor | None  # [N, k] long
+    topk_logprobs: torch.Tensor | None  # [N, k]
     target_ids: torch.Tensor  # [N] long
     target_logprob: torch.Tensor  # [N]
     hard: torch.Tensor | None = None  # [N] bool, the cache's labels
     uncertainty: torch.Tensor | None = None  # [N], 1 - p(target)
+    entropy: torch.Tensor | None = None  # [N], needed by sampled losses' values
+    sample_ids: torch.Tensor | None = None  # [N, U] long
+    sample_counts: torch.Tensor | None = None  # [N, U], 0 = padding
+
+    @property
+    def sampled(self) -> bool:
+        """Is this a sampled teacher (not a top-k one)?"""
+        return self.sample_ids is not None
 
 
 @dataclass
@@ -61,6 +74,16 @@ class LossConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def check_sampled(self) -> None:
+        """Raise ValueError if this loss cannot use a sampled teacher."""
+        if self.loss != "ce" and self.base != "fkl":
+            raise ValueError(
+                f"a sampled cache supports forward KL only (base fkl), not {self.base!r}: the "
+                f"draws estimate expectations under the teacher, which other divergences are not"
+            )
+        if self.temperature != 1.0:
+            raise ValueError("a sampled cache holds draws at temperature 1: use temperature 1")
 
 
 @dataclass
@@ -101,6 +124,44 @@ def target_split(pair: BucketedPair) -> tuple[BucketedPair, BucketedPair]:
     return binary, nontarget
 
 
+def topk_row_terms(
+    logits: torch.Tensor, teacher: SparseTeacher, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """Per-row terms over the bucketed top-k teacher: "ce", and cfg.base (loss kd) or
+    "tkd" and "dkd" (loss atkd)."""
+    pair = bucketize(
+        logits, teacher.topk_ids, teacher.topk_logprobs, teacher.target_ids,
+        teacher.target_logprob, tail=cfg.tail, temperature=cfg.temperature,
+        chunk_rows=cfg.chunk_rows,
+    )
+    # the target column: -log q(target) = logsumexp(z) - z_g, i.e. cross-entropy
+    terms = {"ce": -pair.student[:, 0]}
+    opts = {"beta": cfg.beta, "skew": cfg.skew}
+    if cfg.loss == "kd":
+        terms[cfg.base] = divergence(cfg.base, pair.teacher, pair.student, pair.valid, **opts)
+    elif cfg.loss == "atkd":
+        binary, nontarget = target_split(pair)
+        terms["tkd"] = divergence(cfg.base, binary.teacher, binary.student, binary.valid, **opts)
+        terms["dkd"] = divergence(
+            cfg.base, nontarget.teacher, nontarget.student, nontarget.valid, **opts
+        )
+    return terms
+
+
+def sampled_row_terms(
+    logits: torch.Tensor, teacher: SparseTeacher, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """Per-row terms over a sampled teacher (losses/sampled.py)."""
+    cfg.check_sampled()
+    if cfg.loss != "ce" and teacher.entropy is None:
+        raise ValueError("a sampled teacher needs the cached entropy")
+    want = {"ce": "ce", "kd": "fkl", "atkd": "atkd"}[cfg.loss]
+    return sampled_terms(
+        logits, teacher.sample_ids, teacher.sample_counts, teacher.target_ids,
+        teacher.target_logprob, teacher.entropy, want, cfg.chunk_rows,
+    )
+
+
 def hard_mask(
     teacher: SparseTeacher, cfg: LossConfig, group_offsets: torch.Tensor | list[int] | None
 ) -> torch.Tensor:
@@ -132,30 +193,23 @@ def kd_loss(
     delimits sequences for split='sequence'."""
     cfg = cfg or LossConfig()
     cfg.check()
-    pair = bucketize(
-        logits, teacher.topk_ids, teacher.topk_logprobs, teacher.target_ids,
-        teacher.target_logprob, tail=cfg.tail, temperature=cfg.temperature,
-        chunk_rows=cfg.chunk_rows,
+    terms = sampled_row_terms(logits, teacher, cfg) if teacher.sampled else topk_row_terms(
+        logits, teacher, cfg
     )
     n = logits.shape[0]
-    work = pair.student.dtype
+    work = terms["ce"].dtype
     weight = torch.ones(n, dtype=work, device=logits.device)
     if row_mask is not None:
         weight = weight * row_mask.to(work)
-    # the target column: -log q(target) = logsumexp(z) - z_g, i.e. cross-entropy
-    ce = _masked_mean(-pair.student[:, 0], weight)
+    ce = _masked_mean(terms["ce"], weight)
     parts: dict[str, torch.Tensor] = {"ce": ce.detach(), "tokens": weight.sum().detach()}
-    opts = {"beta": cfg.beta, "skew": cfg.skew}
     if cfg.loss == "ce":
         loss = ce
     elif cfg.loss == "kd":
-        d = divergence(cfg.base, pair.teacher, pair.student, pair.valid, **opts)
-        loss = _masked_mean(d, weight)
+        loss = _masked_mean(terms[cfg.base], weight)
         parts[cfg.base] = loss.detach()
     else:
-        binary, nontarget = target_split(pair)
-        tkd = divergence(cfg.base, binary.teacher, binary.student, binary.valid, **opts)
-        dkd = divergence(cfg.base, nontarget.teacher, nontarget.student, nontarget.valid, **opts)
+        tkd, dkd = terms["tkd"], terms["dkd"]
         is_hard = hard_mask(teacher, cfg, group_offsets)
         hard = is_hard.to(work) * weight
         easy = (~is_hard).to(work) * weight

@@ -25,7 +25,7 @@ import torch
 
 from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
-from atkd_cache.losses.kd import LossConfig, kd_loss
+from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_device
 from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader
 from atkd_cache.train.student import RowLogits, check_ids
@@ -84,6 +84,16 @@ class _Tally:
         }
 
 
+def teacher_top1(t: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's most probable id and its probability; for a sampled cache, the most
+    drawn id and its share of the draws (an estimate)."""
+    if not t.sampled:
+        return t.topk_ids[:, 0], torch.exp(t.topk_logprobs[:, 0].float())
+    counts = t.sample_counts.float()
+    best, col = counts.max(dim=1)
+    return t.sample_ids.gather(1, col[:, None])[:, 0], best / counts.sum(1).clamp(min=1.0)
+
+
 @torch.no_grad()
 def cache_metrics(
     model, cache: str, device: str = "cpu", batch_tokens: int = 8192, limit: int | None = None,
@@ -106,10 +116,11 @@ def cache_metrics(
         lse = torch.logsumexp(logits, dim=-1)
         top, pred = logits.max(dim=-1)
         target_logit = logits.gather(1, t.target_ids[:, None])[:, 0]
+        top1_id, top1_p = teacher_top1(t)
         student.add(lse - target_logit, torch.exp(top - lse), pred == t.target_ids,
-                    pred == t.topk_ids[:, 0], t.hard)
-        teacher.add(-t.target_logprob, torch.exp(t.topk_logprobs[:, 0]),
-                    t.topk_ids[:, 0] == t.target_ids, torch.ones_like(t.hard), t.hard)
+                    pred == top1_id, t.hard)
+        teacher.add(-t.target_logprob, top1_p, top1_id == t.target_ids,
+                    torch.ones_like(t.hard), t.hard)
         n = logits.shape[0]
         kl_sum += float(kd_loss(logits, t, LossConfig(loss="kd", base="fkl")).parts["fkl"]) * n
         tokens += n

@@ -185,6 +185,22 @@ def _emit(group: list[SeqRef], cfg: LoaderConfig, rng) -> list[list[SeqRef]]:
     return batches
 
 
+def pad_samples(
+    sizes: np.ndarray, ids: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat per-position sample entries -> [N, max size] ids (int32) and counts (int16),
+    padded with id 0 and count 0."""
+    sizes = sizes.astype(np.int64)
+    n, width = sizes.shape[0], int(sizes.max()) if sizes.size else 1
+    row = np.repeat(np.arange(n), sizes)
+    col = np.arange(ids.shape[0]) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    out_ids = np.zeros((n, width), dtype=np.int32)
+    out_counts = np.zeros((n, width), dtype=np.int16)
+    out_ids[row, col] = ids
+    out_counts[row, col] = counts
+    return out_ids, out_counts
+
+
 def collate(seqs: list[CachedSequence], pack: bool) -> dict[str, torch.Tensor]:
     """Build one micro-batch from sequences read from a cache.
 
@@ -207,27 +223,33 @@ def collate(seqs: list[CachedSequence], pack: bool) -> dict[str, torch.Tensor]:
         start + np.flatnonzero(s.supervised) for start, s in zip(starts, seqs, strict=True)
     ]
     counts = [len(r) for r in rows_of]
-    cat = {
-        name: np.concatenate([getattr(s, name) for s in seqs])
-        for name in ("topk_ids", "topk_logprobs", "target_logprob", "uncertainty", "hard",
-                     "target_ids")
-    }
+    sampled = seqs[0].sample_ids is not None
+    names = ("target_logprob", "uncertainty", "entropy", "hard", "target_ids")
+    names += ("sample_sizes", "sample_ids", "sample_counts") if sampled else (
+        "topk_ids", "topk_logprobs")
+    cat = {name: np.concatenate([getattr(s, name) for s in seqs]) for name in names}
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "rows": torch.from_numpy(np.concatenate(rows_of).astype(np.int64)),
         "group_offsets": torch.from_numpy(np.cumsum([0, *counts]).astype(np.int64)),
         "seq_index": torch.tensor([s.index for s in seqs], dtype=torch.int64),
-        "topk_ids": torch.from_numpy(cat["topk_ids"].astype(np.int32)),
-        "topk_logprobs": torch.from_numpy(cat["topk_logprobs"]),
         "target_ids": torch.from_numpy(cat["target_ids"].astype(np.int64)),
         "target_logprob": torch.from_numpy(cat["target_logprob"]),
         "uncertainty": torch.from_numpy(cat["uncertainty"]),
+        "entropy": torch.from_numpy(cat["entropy"]),
         "hard": torch.from_numpy(cat["hard"]),
         "real_tokens": torch.tensor(sum(lengths)),
-        "max_id": torch.tensor(
-            max(int(input_ids.max()), int(cat["topk_ids"].max()) if cat["topk_ids"].size else 0)
-        ),
     }
+    if sampled:
+        ids, draws = pad_samples(cat["sample_sizes"], cat["sample_ids"], cat["sample_counts"])
+        batch.update(sample_ids=torch.from_numpy(ids), sample_counts=torch.from_numpy(draws))
+    else:
+        batch.update(topk_ids=torch.from_numpy(cat["topk_ids"].astype(np.int32)),
+                     topk_logprobs=torch.from_numpy(cat["topk_logprobs"]))
+    teacher_ids = batch["sample_ids" if sampled else "topk_ids"]
+    batch["max_id"] = torch.tensor(
+        max(int(input_ids.max()), int(teacher_ids.max()) if teacher_ids.numel() else 0)
+    )
     if pack:
         batch["position_ids"] = torch.from_numpy(position_ids.astype(np.int64))
     else:

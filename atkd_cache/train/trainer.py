@@ -179,13 +179,20 @@ def weights_sha256(model) -> str:
 
 def sparse_teacher(batch: dict, device: torch.device) -> SparseTeacher:
     """The cached teacher rows of a micro-batch, on `device`, in the loss's types."""
+    def get(name):
+        return batch[name].to(device, non_blocking=True) if name in batch else None
+
+    sampled = "sample_ids" in batch
     return SparseTeacher(
-        topk_ids=batch["topk_ids"].to(device, non_blocking=True).long(),
-        topk_logprobs=batch["topk_logprobs"].to(device, non_blocking=True).float(),
-        target_ids=batch["target_ids"].to(device, non_blocking=True),
-        target_logprob=batch["target_logprob"].to(device, non_blocking=True),
-        hard=batch["hard"].to(device, non_blocking=True),
-        uncertainty=batch["uncertainty"].to(device, non_blocking=True),
+        topk_ids=None if sampled else get("topk_ids").long(),
+        topk_logprobs=None if sampled else get("topk_logprobs").float(),
+        target_ids=get("target_ids"),
+        target_logprob=get("target_logprob"),
+        hard=get("hard"),
+        uncertainty=get("uncertainty"),
+        entropy=get("entropy"),
+        sample_ids=get("sample_ids").long() if sampled else None,
+        sample_counts=get("sample_counts"),
     )
 
 
@@ -359,6 +366,11 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     cache = open_cache(cfg.cache)
     if len(cache) == 0:
         raise UserError(f"{cfg.cache} has no committed sequences")
+    if cache.card.mode == "sampled":
+        try:
+            cfg.loss.check_sampled()
+        except ValueError as e:
+            raise UserError(f"{cfg.cache} is a sampled cache: {e}") from None
     slots = slot_count(d.world, cfg.loader.num_workers)
     if len(cache.shard_rows) < slots:
         raise UserError(
