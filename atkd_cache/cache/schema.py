@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Crc32cCodec, Delta
+from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Crc32cCodec
 
 from atkd_cache.errors import UserError
 
@@ -128,9 +128,9 @@ def array_codecs(name: str, dtype: np.dtype) -> list:
 
 # The packed encoding (chosen by benchmarks/bench_fidelity.py, docs/benchmarks.md): float
 # mantissas rounded to PACKED_KEEPBITS bits (lossy; the writer rounds before checksumming,
-# so checksums are of what readers decode), sampled ids delta-coded (lossless).
+# so checksums are of what readers decode). Ids stay as they are: delta-coding the sorted
+# sampled ids compressed worse than plain ids (zstd finds the common tokens' repeats).
 PACKED_KEEPBITS = {"target_logprob": 10, "entropy": 7, "uncertainty": 10, "topk_logprobs": 7}
-PACKED_DELTA = ("sample_ids",)
 # zarr warns that numcodecs filters are outside the Zarr v3 core spec; docs/cache-format.md
 # says which ones a packed cache uses (zarr-python and numcodecs read them).
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
@@ -142,8 +142,6 @@ def array_filters(name: str, dtype: np.dtype, encoding: str) -> list:
         return []
     if name in PACKED_KEEPBITS:
         return [BitRound(keepbits=PACKED_KEEPBITS[name])]
-    if name in PACKED_DELTA:
-        return [Delta(dtype=dtype.str)]
     return []
 
 

@@ -47,11 +47,13 @@ def teacher_outputs(
     pad_id: int = 0,
     num_samples: int = 0,
     sample_seed: int = 0,
+    keep_draws: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Run the teacher on a batch of sequences (right-padded) and return, per sequence, the
     float32 target log-prob, entropy and uncertainty of every supervised position (in
     increasing position order), with the top-k ids/log-probs (k > 0) or, when num_samples > 0,
-    the unique ids drawn from the teacher and their counts (sampled mode)."""
+    the unique ids drawn from the teacher and their counts (sampled mode); `keep_draws`
+    returns the raw draws [m, num_samples] instead (benchmarks)."""
     device = next(model.parameters()).device
     ids, attention, sup = (t.to(device) for t in pad_batch(seqs, pad_id))
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
@@ -68,12 +70,14 @@ def teacher_outputs(
     del logits
     host = {name: t.cpu().numpy() for name, t in vars(stats).items() if t is not None}
     draws = host.pop("draws", None)
-    if num_samples:
+    if k == 0:
         del host["topk_ids"], host["topk_logprobs"]
     out, lo = [], 0
     for c in counts:
         one = {name: a[lo : lo + c] for name, a in host.items()}
-        if draws is not None:
+        if draws is not None and keep_draws:
+            one["draws"] = draws[lo : lo + c]
+        elif draws is not None:
             one.update(split_samples(draws[lo : lo + c]))
         out.append(one)
         lo += c
