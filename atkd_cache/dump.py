@@ -2,8 +2,12 @@
 
 Sequences keep the dataset's order. They are cut into shard windows of about
 `shard_positions` supervised positions; the cut points depend only on the data and the
-settings, so a re-run resumes at the first window not yet in the manifest and produces the
-same shards as an uninterrupted run. Inside a window, sequences are sorted by length into
+settings, so a re-run resumes at the first window not yet committed and produces the same
+shards as an uninterrupted run. Data parallel (torchrun, SLURM, or --rank/--world-size):
+rank r of W runs windows r, r + W, r + 2W ... and commits them itself (cache/writer.py); the
+manifest lists everything once the last rank finishes, and a rank re-run alone continues its
+own windows. Every window is computed the same way whichever rank runs it, so the cache
+equals a single-process one. Inside a window, sequences are sorted by length into
 batches (less padding); results are put back in order before the shard is written, on a
 background thread so that the teacher never waits on compression.
 """
@@ -13,14 +17,14 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from tqdm.auto import tqdm
 
 from atkd_cache import __version__
 from atkd_cache.cache.schema import ENCODINGS, MAX_SAMPLES, MODES, CacheCard, SequenceRecord
-from atkd_cache.cache.writer import CacheWriter
+from atkd_cache.cache.writer import CacheWriter, committed_prefix
 from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint, tokenizer_vocab_size, weights_hash
@@ -62,6 +66,20 @@ class DumpConfig:
     gpu_memory_utilization: float | None = None
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
+    # data parallel: None = from the environment (torchrun's RANK/WORLD_SIZE, SLURM's)
+    rank: int | None = None
+    world_size: int | None = None
+
+
+def rank_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's or SLURM's variables; (0, 1, 0) alone."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_LOCALID", "0")))
+    return 0, 1, 0
 
 
 @dataclass
@@ -76,9 +94,25 @@ class DumpSummary:
     dropped: int
     bytes: int
     seconds: float
+    rank: int = 0
+    world_size: int = 1
+    shards_committed: int = 0
+    shards_total: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Is every planned shard committed and listed in the manifest?"""
+        return self.shards_committed == self.shards_total
 
     def line(self) -> str:
         """One human line: sequences, tokens, bytes on disk, bytes/token, wall time."""
+        if not self.complete:
+            return (
+                f"rank {self.rank} of {self.world_size}: its shards are done "
+                f"({self.new_sequences} sequences written in {self.seconds:.1f}s); "
+                f"{self.shards_committed} of {self.shards_total} shards committed so far: the "
+                f"manifest lists all of them once the other ranks finish"
+            )
         per = self.bytes / max(1, self.supervised)
         return (
             f"cache: {self.sequences} sequences, {self.tokens} tokens ({self.supervised} "
@@ -209,6 +243,18 @@ def validate(cfg: DumpConfig) -> None:
         raise UserError("give --batch-size or --batch-tokens")
     if cfg.data.max_length is not None and cfg.data.max_length < 2:
         raise UserError("--max-length must be at least 2 (one position needs two tokens)")
+    rank, world, _ = resolve_rank(cfg)
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"rank {rank} of world size {world}: need 0 <= rank < world size")
+
+
+def resolve_rank(cfg: DumpConfig) -> tuple[int, int, int]:
+    """(rank, world size, local rank): the config's if given, else the environment's."""
+    rank, world, local = rank_from_env()
+    if cfg.world_size is not None:
+        world = cfg.world_size
+        rank = cfg.rank if cfg.rank is not None else 0
+    return rank, world, local
 
 
 def check_output(path: str) -> None:
@@ -287,6 +333,13 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     """Run the teacher over the data into the cache at cfg.output (resuming if it exists)."""
     validate(cfg)
     check_output(cfg.output)
+    rank, world, local_rank = resolve_rank(cfg)
+    if cfg.device == "cuda" and world > 1:
+        cfg = replace(cfg, device=f"cuda:{local_rank}")
+    if world > 1 and cfg.backend == "vllm":
+        from atkd_cache.teacher.vllm import isolate_rank
+
+        isolate_rank(local_rank, cfg.tensor_parallel_size)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
     rows = load_rows(cfg.data)
@@ -306,40 +359,51 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     card = build_card(cfg, width, revision, tokenizer, stats.fingerprint)
     windows = plan_windows(seqs, cfg.shard_positions)
 
-    with CacheWriter(cfg.output, card) as writer, ThreadPoolExecutor(1) as pool:
-        done = writer.committed
-        for row, (start, end) in zip(done, windows, strict=False):
+    with CacheWriter(cfg.output, card, rank, world) as writer, ThreadPoolExecutor(1) as pool:
+        done = {row["index"]: row for row in writer.committed}
+        for i, row in done.items():
+            start, end = windows[i] if i < len(windows) else (-1, -1)
             if row["first_sequence"] != start or row["num_sequences"] != end - start:
                 raise UserError(
                     f"{cfg.output} has shards that do not match this run's shard plan: "
                     "use a new output folder"
                 )
-        todo = windows[len(done) :]
-        remaining = sum(len(s.input_ids) for a, b in todo for s in seqs[a:b])
+        todo = [i for i in range(len(windows)) if writer.owns(i) and i not in done]
+        remaining = sum(len(s.input_ids) for i in todo for s in seqs[slice(*windows[i])])
         if done:
-            log(f"resuming after {len(done)} committed shards ({writer.num_committed_sequences} "
+            mine = sum(1 for i in done if writer.owns(i))
+            log(f"resuming after {len(done)} committed shards ({mine} of them this rank's)"
+                if world > 1 else
+                f"resuming after {len(done)} committed shards ({writer.num_committed_sequences} "
                 f"sequences)")
         bar = tqdm(total=remaining, unit="tok", unit_scale=True, disable=not cfg.progress,
-                   desc="teacher pass", dynamic_ncols=True)
+                   desc="teacher pass" if world == 1 else f"teacher pass (rank {rank})",
+                   dynamic_ncols=True, position=rank if world > 1 else None)
         pending: Future | None = None
-        for start, end in todo:
+        for i in todo:
+            start, end = windows[i]
             window = seqs[start:end]
             records = records_for_window(window, window_outputs(window, bar.update),
                                          cfg.hard_ratio)
             if pending is not None:
                 pending.result()  # at most one shard waits to be written
-            pending = pool.submit(writer.write_shard, records, start)
+            pending = pool.submit(writer.write_shard, records, start, i)
         if pending is not None:
             pending.result()
         bar.close()
+        writer.finish(len(windows))
         committed = writer.committed
     return DumpSummary(
         sequences=sum(r["num_sequences"] for r in committed),
         tokens=sum(r["num_tokens"] for r in committed),
         supervised=sum(r["num_supervised"] for r in committed),
-        new_sequences=sum(b - a for a, b in todo),
+        new_sequences=sum(windows[i][1] - windows[i][0] for i in todo),
         truncated=stats.truncated,
         dropped=stats.dropped_empty,
         bytes=sum(r["bytes"] for r in committed),
         seconds=time.perf_counter() - t0,
+        rank=rank,
+        world_size=world,
+        shards_committed=len(committed_prefix(committed)),
+        shards_total=len(windows),
     )

@@ -81,6 +81,10 @@ def main() -> None:
 @click.option("--max-num-batched-tokens", type=int, default=None, help="vLLM.")
 @click.option("--enforce-eager", is_flag=True, default=False,
               help="vLLM: no torch.compile / CUDA graphs (faster start, slower steady state).")
+@click.option("--rank", type=int, default=None,
+              help="Data parallel: this process's rank (default: torchrun's / SLURM's).")
+@click.option("--world-size", type=int, default=None,
+              help="Data parallel: number of ranks (default: torchrun's / SLURM's, else 1).")
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--no-progress", is_flag=True, default=False)
 @user_errors

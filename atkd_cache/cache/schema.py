@@ -6,7 +6,8 @@ Layout of a cache directory (a Zarr v3 hierarchy plus one Parquet file):
     CACHE/shards/zarr.json       group holding the committed shards
     CACHE/shards/shard-000000/   one Zarr group per shard (arrays below)
     CACHE/manifest.parquet       the committed shards, in order; readers trust only this
-    CACHE/.lock                  held (flock) by the one writer while it runs
+    CACHE/parts/                 per-writer manifests of a run in progress (cache/writer.py)
+    CACHE/.lock*                 flocks held by writers while they run
     CACHE/.tmp/                  shards being written; never read
 """
 
@@ -32,6 +33,7 @@ ENCODINGS = ("standard", "packed")
 MANIFEST_FILE = "manifest.parquet"
 SHARDS_GROUP = "shards"
 TMP_DIR = ".tmp"
+PARTS_DIR = "parts"
 LOCK_FILE = ".lock"
 
 # Per-sequence arrays have one row per sequence (+1 for offsets); per-token arrays one row per

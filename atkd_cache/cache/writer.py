@@ -1,11 +1,19 @@
-"""Writes a cache: whole shards made visible atomically, a Parquet manifest, one writer at a time.
+"""Writes a cache: whole shards made visible atomically, a Parquet manifest, one writer per
+shard slot (one process, or one per rank of a data-parallel teacher pass).
 
 Commit protocol for shard i (a kill -9 at any point leaves a readable, resumable cache):
   1. write every array of the shard into CACHE/.tmp/shard-i.<pid>/ and fsync it;
   2. rename it to CACHE/shards/shard-i/ (atomic on one filesystem);
-  3. write the manifest with the new row to a temp file, fsync, rename over manifest.parquet.
-Readers only see shards listed in the manifest. A shard directory that exists but is not in
-the manifest (killed between 2 and 3) is an orphan: the next writer deletes and rewrites it.
+  3. add its row to the writer's own part manifest CACHE/parts/rank-R-of-W.parquet (temp file,
+     fsync, rename);
+  4. under a short lock, rewrite manifest.parquet as the longest run 0, 1, 2 ... of shards
+     committed by any writer (temp file, fsync, rename).
+Readers only see shards listed in manifest.parquet, so while ranks run they see a prefix of
+the cache, and all of it once the last rank finishes. A shard directory that no manifest
+lists (killed between 2 and 3) is an orphan: the writer that owns its slot deletes it.
+Rank r of W owns shards i with i % W == r; it holds CACHE/.lock shared and its own rank
+lock exclusively, so ranks run side by side while a single-process writer (which holds
+CACHE/.lock exclusively) excludes them all. A rank re-run alone continues its own slice.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +36,7 @@ from atkd_cache.cache.schema import (
     LOCK_FILE,
     MANIFEST_FILE,
     MANIFEST_SCHEMA,
+    PARTS_DIR,
     SHARDS_GROUP,
     TMP_DIR,
     CacheCard,
@@ -60,23 +70,80 @@ def _fsync_tree(path: Path) -> None:
                 os.close(fd)
 
 
+def _shard_index(name: str) -> int | None:
+    """The index in a shard directory name (shard-000012 -> 12), or None."""
+    prefix = "shard-"
+    tail = name[len(prefix):]
+    return int(tail) if name.startswith(prefix) and tail.isdigit() else None
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _take_flock(path: Path, mode: int, blocking: bool = False) -> int | None:
+    """An open fd holding flock `mode` on path, or None if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _write_parquet(rows: list[dict], target: Path, tmp_dir: Path) -> None:
+    """Write rows atomically: temp file, fsync, rename over target."""
+    tmp_dir.mkdir(exist_ok=True)
+    tmp = tmp_dir / f"{target.name}.{os.getpid()}"
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+
+
+def committed_prefix(rows: list[dict]) -> list[dict]:
+    """The rows of shards 0, 1, 2 ... up to the first missing one, by index."""
+    by_index = {row["index"]: row for row in rows}
+    out = []
+    while len(out) in by_index:
+        out.append(by_index[len(out)])
+    return out
+
+
 class CacheWriter:
-    """The single writer of a local cache directory. Use as a context manager.
+    """The writer of a local cache directory (or of rank `rank`'s slice of it). Use as a
+    context manager.
 
     Opening creates the cache (or checks that an existing one has the same card), takes the
-    lock, and removes leftovers of an interrupted run. `committed` lists what is already done.
+    locks, and removes leftovers of an interrupted run. `committed` lists every shard that
+    any writer has committed, by index.
     """
 
-    def __init__(self, path: str | os.PathLike, card: CacheCard):
+    def __init__(
+        self, path: str | os.PathLike, card: CacheCard, rank: int = 0, world_size: int = 1
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.root = Path(path)
         self.card = card
+        self.rank, self.world_size = rank, world_size
         self.dtypes = array_dtypes(card.logits_width, card.logprob_dtype)
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
         self.committed: list[dict] = []
+        self._mine: list[dict] = []  # rows in this writer's part manifest
+
+    @property
+    def part_name(self) -> str:
+        """File name of this writer's part manifest under parts/."""
+        return f"rank-{self.rank:05d}-of-{self.world_size:05d}.parquet"
+
+    def owns(self, index: int) -> bool:
+        """Is shard `index` this writer's to write?"""
+        return index % self.world_size == self.rank
 
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:
@@ -90,20 +157,23 @@ class CacheWriter:
         """Create or re-open the cache for appending."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-probe"
+            probe = self.root / f".write-probe.{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as e:
             raise UserError(f"cannot write the cache at {self.root}: {e.strerror}") from None
+        allowed = (TMP_DIR, SHARDS_GROUP, PARTS_DIR)
         if not (self.root / "zarr.json").exists() and any(
-            p.name not in (LOCK_FILE, TMP_DIR, SHARDS_GROUP) for p in self.root.iterdir()
+            p.name not in allowed and not p.name.startswith(LOCK_FILE)
+            for p in self.root.iterdir()
         ):
             raise UserError(
                 f"{self.root} exists and is not an atkd-cache cache: choose an empty or new folder"
             )
-        self._take_lock()
+        self._take_locks()
         try:
-            self._open_locked()
+            with self._merge_lock():
+                self._open_locked()
         except BaseException:
             self.close()
             raise
@@ -122,45 +192,87 @@ class CacheWriter:
             self.card = existing  # keep the original creation time
         else:
             self._create_root()
-        self.committed = read_manifest(self.root).to_pylist()
+        (self.root / PARTS_DIR).mkdir(exist_ok=True)
+        mine = self.root / PARTS_DIR / self.part_name
+        self._mine = pq.read_table(mine).to_pylist() if mine.exists() else []
+        self.committed = self._all_rows()
         self._remove_leftovers()
+
+    def _all_rows(self) -> list[dict]:
+        """Rows committed by any writer: the manifest and every part manifest, by index."""
+        rows = {row["index"]: row for row in read_manifest(self.root).to_pylist()}
+        parts = self.root / PARTS_DIR
+        for f in sorted(parts.glob("*.parquet")) if parts.exists() else []:
+            rows.update({row["index"]: row for row in pq.read_table(f).to_pylist()})
+        return [rows[i] for i in sorted(rows)]
 
     def _create_root(self) -> None:
         # The root zarr.json (holding the card) is what makes a folder a cache, so it is
         # written last and renamed into place: a kill never leaves a card without `shards/`.
         zarr.open_group(str(self.root / SHARDS_GROUP), mode="a")
-        staging = self.root / TMP_DIR / "root"
+        staging = self.root / TMP_DIR / f"root.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         zarr.open_group(str(staging), mode="w", attributes=self.card.to_attrs())
         os.replace(staging / "zarr.json", self.root / "zarr.json")
+        shutil.rmtree(staging, ignore_errors=True)
 
-    def _take_lock(self) -> None:
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UserError(
-                f"{self.root} is being written by {holder}: wait for it to finish or use "
-                f"another output folder"
-            ) from None
+    def _take_locks(self) -> None:
+        single = self.world_size == 1
+        main = _take_flock(self.root / LOCK_FILE, fcntl.LOCK_EX if single else fcntl.LOCK_SH)
+        if main is None:
+            self._refuse(self.root / LOCK_FILE)
+        self._lock_fds.append(main)
+        if single:
+            os.ftruncate(main, 0)
+            os.write(main, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+            return
+        rank_lock = self.root / f"{LOCK_FILE}.{self.part_name.removesuffix('.parquet')}"
+        fd = _take_flock(rank_lock, fcntl.LOCK_EX)
+        if fd is None:
+            self._refuse(rank_lock)
+        self._lock_fds.append(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
-        self._lock_fd = fd
+
+    def _refuse(self, lock: Path) -> None:
+        holder = lock.read_text(errors="replace").strip() or "another process (a data-parallel run)"
+        self.close()
+        raise UserError(
+            f"{self.root} is being written by {holder}: wait for it to finish or use "
+            f"another output folder"
+        )
+
+    @contextmanager
+    def _merge_lock(self):
+        """A short exclusive lock around reading and rewriting the shared manifest."""
+        fd = _take_flock(self.root / f"{LOCK_FILE}.merge", fcntl.LOCK_EX, blocking=True)
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def _remove_leftovers(self) -> None:
-        shutil.rmtree(self.root / TMP_DIR, ignore_errors=True)
+        tmp = self.root / TMP_DIR
+        if self.world_size == 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():  # other ranks may be writing there: only this rank's shards
+            for d in tmp.iterdir():
+                index = _shard_index(d.name.split(".")[0])
+                if index is not None and self.owns(index):
+                    shutil.rmtree(d, ignore_errors=True)
         listed = {row["shard"] for row in self.committed}
         for d in (self.root / SHARDS_GROUP).iterdir():
-            if d.is_dir() and d.name not in listed:
+            index = _shard_index(d.name)
+            if d.is_dir() and d.name not in listed and index is not None and self.owns(index):
                 shutil.rmtree(d)  # orphan of a run killed between rename and manifest
 
     def close(self) -> None:
-        """Release the lock."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Release the locks (clearing the holder's name from the exclusive ones)."""
+        for i, fd in enumerate(self._lock_fds):
+            if i > 0 or self.world_size == 1:
+                os.ftruncate(fd, 0)
+            os.close(fd)
+        self._lock_fds = []
 
     # -- writing -------------------------------------------------------------------------
     @property
@@ -168,16 +280,24 @@ class CacheWriter:
         """How many sequences (in cache order) are committed."""
         return sum(row["num_sequences"] for row in self.committed)
 
-    def write_shard(self, records: list[SequenceRecord], first_sequence: int) -> dict:
-        """Write one whole shard of consecutive sequences and commit it. Returns its row."""
+    def write_shard(
+        self, records: list[SequenceRecord], first_sequence: int, index: int | None = None
+    ) -> dict:
+        """Write one whole shard of consecutive sequences and commit it. Returns its row.
+
+        Without `index` the shard is appended after the committed ones; with it (a planned
+        shard of a resumable or data-parallel run) it must be one this writer owns."""
         if not records:
             raise ValueError("a shard needs at least one sequence")
-        if first_sequence != self.num_committed_sequences:
-            raise ValueError(
-                f"shard starts at sequence {first_sequence}, expected "
-                f"{self.num_committed_sequences}"
-            )
-        index = len(self.committed)
+        if index is None:
+            if first_sequence != self.num_committed_sequences:
+                raise ValueError(
+                    f"shard starts at sequence {first_sequence}, expected "
+                    f"{self.num_committed_sequences}"
+                )
+            index = len(self.committed)
+        if not self.owns(index) or any(r["index"] == index for r in self.committed):
+            raise ValueError(f"shard {index} is not this writer's to write")
         name = shard_name(index)
         arrays = self._concatenate(records)
         tmp = self.root / TMP_DIR / f"{name}.{os.getpid()}"
@@ -211,9 +331,29 @@ class CacheWriter:
             "bytes": _dir_bytes(final),
             **sums,
         }
-        self._write_manifest(self.committed + [row])
-        self.committed.append(row)
+        _write_parquet(self._mine + [row], self.root / PARTS_DIR / self.part_name,
+                       self.root / TMP_DIR)
+        self._mine.append(row)
+        self._publish()
         return row
+
+    def _publish(self) -> None:
+        """Rewrite manifest.parquet as the committed prefix 0, 1, 2 ... of all writers."""
+        with self._merge_lock():
+            self.committed = self._all_rows()
+            prefix = committed_prefix(self.committed)
+            if len(prefix) > len(read_manifest(self.root)):
+                _write_parquet(prefix, self.root / MANIFEST_FILE, self.root / TMP_DIR)
+
+    def finish(self, num_shards: int) -> bool:
+        """After this writer's last shard: True if all `num_shards` shards are committed and
+        listed in manifest.parquet (the per-writer part manifests are then removed)."""
+        self._publish()
+        if len(committed_prefix(self.committed)) < num_shards:
+            return False
+        with self._merge_lock():
+            shutil.rmtree(self.root / PARTS_DIR, ignore_errors=True)
+        return True
 
     def _concatenate(self, records: list[SequenceRecord]) -> dict[str, np.ndarray]:
         """The shard's arrays, as readers will decode them (lossy encodings applied)."""
@@ -241,15 +381,3 @@ class CacheWriter:
             values = np.concatenate(parts).astype(self.dtypes[key], copy=False)
             out[key] = round_for_encoding(key, values, self.card.encoding)
         return out
-
-    def _write_manifest(self, rows: list[dict]) -> None:
-        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-        tmp = self.root / TMP_DIR / f"{MANIFEST_FILE}.{os.getpid()}"
-        tmp.parent.mkdir(exist_ok=True)
-        pq.write_table(table, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.root / MANIFEST_FILE)

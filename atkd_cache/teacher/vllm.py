@@ -33,6 +33,25 @@ def entropy_lower_bound(topk_logprobs: np.ndarray) -> np.ndarray:
     return (-(p * lp).sum(axis=1) - tail * lp[:, -1]).astype(np.float32)
 
 
+def isolate_rank(local_rank: int, tensor_parallel_size: int) -> None:
+    """Make this process's engine a private one in a data-parallel teacher pass: hide
+    torchrun's variables (vLLM would otherwise try to join that job) and, on CUDA, show it
+    only its own tensor_parallel_size GPUs."""
+    import os
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        os.environ.pop(name, None)
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            first = local_rank * tensor_parallel_size
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
+                str(first + i) for i in range(tensor_parallel_size)
+            )
+
+
 class VllmTeacher:
     """An offline vLLM engine set up for raw prompt log-probs (no prefix caching)."""
 
