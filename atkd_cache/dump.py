@@ -215,6 +215,7 @@ def build_card(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     card.format_version = card.needed_version  # plain top-k caches stay readable by v1 tools
+    card.fingerprint = card.content_fingerprint()
     return card
 
 

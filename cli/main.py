@@ -121,6 +121,7 @@ def info_cmd(cache: str, as_json: bool) -> None:
         return
     card = info.pop("card")
     click.echo(f"cache {info.pop('path')}")
+    click.echo(f"fingerprint {info.pop('fingerprint')}")
     for key, value in card.items():
         click.echo(f"  {key:24s} {value}")
     for key, value in info.items():
@@ -148,6 +149,20 @@ def verify_cmd(cache: str) -> None:
         sys.exit(1)
     click.echo(f"ok: {len(opened.shard_rows)} shards, {opened.num_sequences} sequences, "
                f"{opened.num_supervised} supervised positions verified")
+
+
+@main.command("concat")
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, help="New cache folder.")
+@user_errors
+def concat_cmd(caches: tuple[str, ...], output: str) -> None:
+    """Join caches made with the same card from different parts of the data."""
+    from atkd_cache.cache.concat import concat_caches
+
+    joined = concat_caches(list(caches), output)
+    click.echo(f"joined {len(caches)} caches into {output}: {len(joined.shard_rows)} shards, "
+               f"{len(joined)} sequences, {joined.num_supervised} supervised positions; "
+               f"fingerprint {joined.card.identity}")
 
 
 @main.command("init-student")

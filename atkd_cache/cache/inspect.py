@@ -26,6 +26,7 @@ def cache_info(cache: Cache) -> dict:
     """Card, counts, bytes/token, supervised and hard fractions, UNC and entropy summaries."""
     return {
         "path": cache.path,
+        "fingerprint": cache.card.identity,
         "card": cache.card.to_attrs(),
         "shards": len(cache.shard_rows),
         "sequences": cache.num_sequences,

@@ -14,6 +14,8 @@ Layout of a cache directory (a Zarr v3 hierarchy plus one Parquet file):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,6 +199,8 @@ class CacheCard:
     num_samples: int = 0
     sample_seed: int = 0
     encoding: str = "standard"  # "standard" | "packed" (see array_filters)
+    # sha256 of what the cache holds (content_fingerprint); "" in caches made before it existed
+    fingerprint: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_at: str = ""
@@ -204,6 +208,27 @@ class CacheCard:
 
     # Fields allowed to differ between a cache and a run that resumes it.
     VOLATILE = ("created_at",)
+    # Fields that do not change what a cache holds: where the data and teacher were read
+    # from (their content is fingerprinted), storage layout, provenance.
+    NOT_CONTENT = ("created_at", "fingerprint", "tool_version", "shard_positions",
+                   "data_source", "data_split", "data_limit", "extra", "format_version")
+
+    def content_fingerprint(self) -> str:
+        """sha256 over everything that decides the cache's arrays: teacher (weights hash, or
+        id + revision for hub models), dtype, tokenizer, data content, parameters, encoding.
+        Two caches with the same fingerprint hold the same teacher outputs for the same
+        sequences (shard boundaries may differ)."""
+        fields = {k: v for k, v in self.to_attrs().items() if k not in self.NOT_CONTENT}
+        if fields["teacher_weights_hash"]:  # the same weights at another path are the same
+            fields.pop("teacher_id")
+            fields.pop("teacher_revision")
+        blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+    @property
+    def identity(self) -> str:
+        """The stored fingerprint, or the computed one for caches made before it existed."""
+        return self.fingerprint or self.content_fingerprint()
 
     def to_attrs(self) -> dict[str, Any]:
         """The card as JSON-able Zarr attributes."""

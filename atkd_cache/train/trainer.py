@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from atkd_cache import __version__
 from atkd_cache.cache.reader import open_cache
+from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
@@ -287,6 +288,21 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def check_same_cache(cfg: TrainConfig, fingerprint: str) -> None:
+    """--resume must read the cache the run started on (same content fingerprint)."""
+    try:
+        with open(os.path.join(cfg.output, "run.json")) as f:
+            before = json.load(f)
+    except FileNotFoundError:
+        return
+    was = before.get("cache_fingerprint") or CacheCard.from_attrs(before["cache_card"]).identity
+    if was != fingerprint:
+        raise UserError(
+            f"--resume: {cfg.output} was trained on cache {was} but --cache {cfg.cache} is "
+            f"{fingerprint}: resume with the cache the run started on"
+        )
+
+
 def _prepare_output(cfg: TrainConfig, d: Dist) -> str | None:
     """Validate the run folder; returns the checkpoint to resume from (or None)."""
     run_json = os.path.join(cfg.output, "run.json")
@@ -405,10 +421,12 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
         cursor = checkpoint.read_cursor(resume_from, state)
         step, tokens_seen = state["step"], state["tokens_seen"]
         log(f"resuming from {resume_from} (step {step}, epoch {cursor.epoch})")
+    if resume_from is not None:
+        check_same_cache(cfg, cache.card.identity)
     if d.rank == 0:
         doc = {"config": cfg.to_json(), "world_size": d.world, "tool_version": __version__,
-               "cache_card": cache.card.to_attrs(), "resumed_from": resume_from,
-               "student_logits_width": width}
+               "cache_fingerprint": cache.card.identity, "cache_card": cache.card.to_attrs(),
+               "resumed_from": resume_from, "student_logits_width": width}
         with open(os.path.join(cfg.output, "run.json"), "w") as f:
             json.dump(doc, f, indent=1)
 
@@ -517,7 +535,8 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     else:
         digests = [digest]
     summary = {"steps": step, "epochs_started": epoch + 1, "tokens_seen": tokens_seen,
-               "world_size": d.world, "weights_sha256": digests,
+               "cache_fingerprint": cache.card.identity, "world_size": d.world,
+               "weights_sha256": digests,
                "ranks_agree": len(set(digests)) == 1,
                "seconds": time.perf_counter() - t_start}
     if d.rank == 0:
