@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from atkd_cache import __version__
 from atkd_cache.cache.schema import ENCODINGS, MAX_SAMPLES, MODES, CacheCard, SequenceRecord
-from atkd_cache.cache.writer import CacheWriter, committed_prefix
+from atkd_cache.cache.writer import CacheWriter, committed_prefix, is_remote
 from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint, tokenizer_vocab_size, weights_hash
@@ -260,7 +260,9 @@ def resolve_rank(cfg: DumpConfig) -> tuple[int, int, int]:
 
 def check_output(path: str) -> None:
     """Fail fast (before loading anything) when the output folder cannot be created."""
-    probe = os.path.abspath(path)
+    if is_remote(path):
+        return  # checked when the writer opens it
+    probe = os.path.abspath(path.removeprefix("file://"))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):

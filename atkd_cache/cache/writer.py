@@ -14,14 +14,21 @@ lists (killed between 2 and 3) is an orphan: the writer that owns its slot delet
 Rank r of W owns shards i with i % W == r; it holds CACHE/.lock shared and its own rank
 lock exclusively, so ranks run side by side while a single-process writer (which holds
 CACHE/.lock exclusively) excludes them all. A rank re-run alone continues its own slice.
+
+At an fsspec URL (s3://, gs://, memory:// ...) the same protocol runs without steps 1-2's
+rename (object stores have none): a shard's objects are written in place and become part of
+the cache when a manifest, put as one object, lists them. Object stores have no flock
+either: there, running two writers for the same rank slot is the user's to avoid.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -105,6 +112,11 @@ def _write_parquet(rows: list[dict], target: Path, tmp_dir: Path) -> None:
     os.replace(tmp, target)
 
 
+def is_remote(path: str) -> bool:
+    """Is this an fsspec URL other than file:// (a place without rename and flock)?"""
+    return "://" in path and not path.startswith("file://")
+
+
 def committed_prefix(rows: list[dict]) -> list[dict]:
     """The rows of shards 0, 1, 2 ... up to the first missing one, by index."""
     by_index = {row["index"]: row for row in rows}
@@ -128,7 +140,14 @@ class CacheWriter:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.root = Path(path)
+        self.url = str(path)
+        self.remote = is_remote(self.url)
+        if self.remote:
+            import fsspec
+
+            self.fs, self.base = fsspec.core.url_to_fs(self.url)
+            self.base = self.base.rstrip("/")
+        self.root = Path(self.url.removeprefix("file://"))  # local caches only
         self.card = card
         self.rank, self.world_size = rank, world_size
         self.dtypes = array_dtypes(card.logits_width, card.logprob_dtype)
@@ -145,6 +164,56 @@ class CacheWriter:
         """Is shard `index` this writer's to write?"""
         return index % self.world_size == self.rank
 
+    # -- where things are: a local folder, or a prefix of an fsspec filesystem ------------
+    def _url(self, *parts: str) -> str:
+        """A path (local) or URL (remote) under the cache, for zarr and readers."""
+        if self.remote:
+            return "/".join([self.url.rstrip("/"), *parts])
+        return str(self.root.joinpath(*parts))
+
+    def _exists(self, *parts: str) -> bool:
+        if self.remote:
+            return self.fs.exists("/".join([self.base, *parts]))
+        return self.root.joinpath(*parts).exists()
+
+    def _listdir(self, *parts: str) -> list[str]:
+        """Names directly under a folder of the cache ([] if there is none)."""
+        if self.remote:
+            where = "/".join([self.base, *parts])
+            if not self.fs.exists(where):
+                return []
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(where, detail=False)]
+        d = self.root.joinpath(*parts)
+        return [p.name for p in d.iterdir()] if d.is_dir() else []
+
+    def _rm(self, *parts: str) -> None:
+        if self.remote:
+            where = "/".join([self.base, *parts])
+            if self.fs.exists(where):
+                self.fs.rm(where, recursive=True)
+        else:
+            shutil.rmtree(self.root.joinpath(*parts), ignore_errors=True)
+
+    def _read_parquet(self, *parts: str) -> list[dict]:
+        if self.remote:
+            with self.fs.open("/".join([self.base, *parts]), "rb") as f:
+                return pq.read_table(f).to_pylist()
+        return pq.read_table(self.root.joinpath(*parts)).to_pylist()
+
+    def _put_parquet(self, rows: list[dict], *parts: str) -> None:
+        """Replace a manifest atomically (local: temp + fsync + rename; remote: one put)."""
+        if self.remote:
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buf)
+            self.fs.pipe("/".join([self.base, *parts]), buf.getvalue())
+        else:
+            _write_parquet(rows, self.root.joinpath(*parts), self.root / TMP_DIR)
+
+    def _bytes(self, *parts: str) -> int:
+        if self.remote:
+            return int(self.fs.du("/".join([self.base, *parts])))
+        return _dir_bytes(self.root.joinpath(*parts))
+
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:
         self.open()
@@ -156,21 +225,25 @@ class CacheWriter:
     def open(self) -> None:
         """Create or re-open the cache for appending."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-probe.{os.getpid()}"
-            probe.touch()
-            probe.unlink()
+            if self.remote:
+                self.fs.makedirs(self.base, exist_ok=True)
+            else:
+                self.root.mkdir(parents=True, exist_ok=True)
+                probe = self.root / f".write-probe.{os.getpid()}"
+                probe.touch()
+                probe.unlink()
         except OSError as e:
-            raise UserError(f"cannot write the cache at {self.root}: {e.strerror}") from None
+            reason = e.strerror or str(e)
+            raise UserError(f"cannot write the cache at {self.url}: {reason}") from None
         allowed = (TMP_DIR, SHARDS_GROUP, PARTS_DIR)
-        if not (self.root / "zarr.json").exists() and any(
-            p.name not in allowed and not p.name.startswith(LOCK_FILE)
-            for p in self.root.iterdir()
+        if not self._exists("zarr.json") and any(
+            name not in allowed and not name.startswith(LOCK_FILE) for name in self._listdir()
         ):
             raise UserError(
-                f"{self.root} exists and is not an atkd-cache cache: choose an empty or new folder"
+                f"{self.url} exists and is not an atkd-cache cache: choose an empty or new folder"
             )
-        self._take_locks()
+        if not self.remote:
+            self._take_locks()
         try:
             with self._merge_lock():
                 self._open_locked()
@@ -179,42 +252,43 @@ class CacheWriter:
             raise
 
     def _open_locked(self) -> None:
-        if (self.root / "zarr.json").exists():
-            attrs = dict(zarr.open_group(str(self.root), mode="r").attrs)
-            existing = CacheCard.from_attrs(attrs, where=str(self.root))
+        if self._exists("zarr.json"):
+            attrs = dict(zarr.open_group(self._url(), mode="r").attrs)
+            existing = CacheCard.from_attrs(attrs, where=self.url)
             diff = existing.first_difference(self.card)
             if diff is not None:
                 key, old, new = diff
                 raise UserError(
-                    f"{self.root} was made with a different configuration: {key} is {old!r} in "
+                    f"{self.url} was made with a different configuration: {key} is {old!r} in "
                     f"the cache but {new!r} now; use another output folder or the same settings"
                 )
             self.card = existing  # keep the original creation time
         else:
             self._create_root()
-        (self.root / PARTS_DIR).mkdir(exist_ok=True)
-        mine = self.root / PARTS_DIR / self.part_name
-        self._mine = pq.read_table(mine).to_pylist() if mine.exists() else []
+        mine = self._exists(PARTS_DIR, self.part_name)
+        self._mine = self._read_parquet(PARTS_DIR, self.part_name) if mine else []
         self.committed = self._all_rows()
         self._remove_leftovers()
 
     def _all_rows(self) -> list[dict]:
         """Rows committed by any writer: the manifest and every part manifest, by index."""
-        rows = {row["index"]: row for row in read_manifest(self.root).to_pylist()}
-        parts = self.root / PARTS_DIR
-        for f in sorted(parts.glob("*.parquet")) if parts.exists() else []:
-            rows.update({row["index"]: row for row in pq.read_table(f).to_pylist()})
+        rows = {row["index"]: row for row in read_manifest(self._url()).to_pylist()}
+        for name in sorted(self._listdir(PARTS_DIR)):
+            if name.endswith(".parquet"):
+                rows.update({row["index"]: row for row in self._read_parquet(PARTS_DIR, name)})
         return [rows[i] for i in sorted(rows)]
 
     def _create_root(self) -> None:
         # The root zarr.json (holding the card) is what makes a folder a cache, so it is
         # written last and renamed into place: a kill never leaves a card without `shards/`.
-        zarr.open_group(str(self.root / SHARDS_GROUP), mode="a")
-        staging = self.root / TMP_DIR / f"root.{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        zarr.open_group(str(staging), mode="w", attributes=self.card.to_attrs())
-        os.replace(staging / "zarr.json", self.root / "zarr.json")
-        shutil.rmtree(staging, ignore_errors=True)
+        zarr.open_group(self._url(SHARDS_GROUP), mode="a")
+        with tempfile.TemporaryDirectory() as staging:
+            zarr.open_group(staging, mode="w", attributes=self.card.to_attrs())
+            if self.remote:
+                self.fs.put_file(os.path.join(staging, "zarr.json"), f"{self.base}/zarr.json")
+            else:
+                shutil.move(os.path.join(staging, "zarr.json"), self.root / "zarr.json.new")
+                os.replace(self.root / "zarr.json.new", self.root / "zarr.json")
 
     def _take_locks(self) -> None:
         single = self.world_size == 1
@@ -245,6 +319,9 @@ class CacheWriter:
     @contextmanager
     def _merge_lock(self):
         """A short exclusive lock around reading and rewriting the shared manifest."""
+        if self.remote:  # no flock there (see the module docstring)
+            yield
+            return
         fd = _take_flock(self.root / f"{LOCK_FILE}.merge", fcntl.LOCK_EX, blocking=True)
         try:
             yield
@@ -253,7 +330,9 @@ class CacheWriter:
 
     def _remove_leftovers(self) -> None:
         tmp = self.root / TMP_DIR
-        if self.world_size == 1:
+        if self.remote:
+            pass  # shards are written in place there: an unlisted one is an orphan below
+        elif self.world_size == 1:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():  # other ranks may be writing there: only this rank's shards
             for d in tmp.iterdir():
@@ -261,10 +340,10 @@ class CacheWriter:
                 if index is not None and self.owns(index):
                     shutil.rmtree(d, ignore_errors=True)
         listed = {row["shard"] for row in self.committed}
-        for d in (self.root / SHARDS_GROUP).iterdir():
-            index = _shard_index(d.name)
-            if d.is_dir() and d.name not in listed and index is not None and self.owns(index):
-                shutil.rmtree(d)  # orphan of a run killed between rename and manifest
+        for name in self._listdir(SHARDS_GROUP):
+            index = _shard_index(name)
+            if name not in listed and index is not None and self.owns(index):
+                self._rm(SHARDS_GROUP, name)  # orphan of a run killed before its manifest
 
     def close(self) -> None:
         """Release the locks (clearing the holder's name from the exclusive ones)."""
@@ -300,9 +379,14 @@ class CacheWriter:
             raise ValueError(f"shard {index} is not this writer's to write")
         name = shard_name(index)
         arrays = self._concatenate(records)
-        tmp = self.root / TMP_DIR / f"{name}.{os.getpid()}"
-        tmp.parent.mkdir(exist_ok=True)
-        group = zarr.open_group(str(tmp), mode="w", attributes={"shard_index": index})
+        if self.remote:  # written in place; visible only once a manifest lists it
+            self._rm(SHARDS_GROUP, name)
+            where = self._url(SHARDS_GROUP, name)
+        else:
+            tmp = self.root / TMP_DIR / f"{name}.{os.getpid()}"
+            tmp.parent.mkdir(exist_ok=True)
+            where = str(tmp)
+        group = zarr.open_group(where, mode="w", attributes={"shard_index": index})
         sums = {}
         for key, values in arrays.items():
             chunks = (min(CHUNK_ROWS, max(1, values.shape[0])),) + values.shape[1:]
@@ -313,11 +397,12 @@ class CacheWriter:
             )
             arr[...] = values
             sums[f"sha256_{key}"] = array_sha256(values)
-        _fsync_tree(tmp)
-        final = self.root / SHARDS_GROUP / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if not self.remote:
+            _fsync_tree(tmp)
+            final = self.root / SHARDS_GROUP / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
         row = {
             "shard": name,
             "index": index,
@@ -328,11 +413,12 @@ class CacheWriter:
             "num_positions": int(arrays["supervised"].shape[0]),
             "num_supervised": int(arrays["target_logprob"].shape[0]),
             "num_hard": int(arrays["hard"].sum()),
-            "bytes": _dir_bytes(final),
+            "bytes": self._bytes(SHARDS_GROUP, name),
             **sums,
         }
-        _write_parquet(self._mine + [row], self.root / PARTS_DIR / self.part_name,
-                       self.root / TMP_DIR)
+        if not self.remote:
+            (self.root / PARTS_DIR).mkdir(exist_ok=True)
+        self._put_parquet(self._mine + [row], PARTS_DIR, self.part_name)
         self._mine.append(row)
         self._publish()
         return row
@@ -342,8 +428,8 @@ class CacheWriter:
         with self._merge_lock():
             self.committed = self._all_rows()
             prefix = committed_prefix(self.committed)
-            if len(prefix) > len(read_manifest(self.root)):
-                _write_parquet(prefix, self.root / MANIFEST_FILE, self.root / TMP_DIR)
+            if len(prefix) > len(read_manifest(self._url())):
+                self._put_parquet(prefix, MANIFEST_FILE)
 
     def finish(self, num_shards: int) -> bool:
         """After this writer's last shard: True if all `num_shards` shards are committed and
@@ -352,7 +438,7 @@ class CacheWriter:
         if len(committed_prefix(self.committed)) < num_shards:
             return False
         with self._merge_lock():
-            shutil.rmtree(self.root / PARTS_DIR, ignore_errors=True)
+            self._rm(PARTS_DIR)
         return True
 
     def _concatenate(self, records: list[SequenceRecord]) -> dict[str, np.ndarray]:
