@@ -217,6 +217,8 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shuffle-buffer", type=int, default=1024, show_default=True)
 @click.option("--num-workers", type=int, default=1, show_default=True)
+@click.option("--read-ahead", type=int, default=1, show_default=True,
+              help="Shards each loader worker decodes ahead (hides remote-cache latency).")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True,
               help="Steps between checkpoints; 0 = only at the end.")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
@@ -243,6 +245,7 @@ def train_student_cmd(**kw) -> None:
     loader = LoaderConfig(
         batch_tokens=kw.pop("batch_tokens"), pack=kw.pop("pack"), seed=kw["seed"],
         shuffle_buffer=kw.pop("shuffle_buffer"), num_workers=kw.pop("num_workers"),
+        read_ahead=kw.pop("read_ahead"),
     )
     kw["progress"] = not kw.pop("no_progress")
     kw["tensorboard"] = not kw.pop("no_tensorboard")

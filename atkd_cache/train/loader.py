@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ class LoaderConfig:
     group_size: int = 256  # sequences sorted by length together
     num_workers: int = 1
     prefetch: int = 2  # micro-batches per worker
+    read_ahead: int = 1  # shards decoded ahead per worker, on a thread (remote caches)
     seed: int = 0
 
     def check(self) -> None:
@@ -55,6 +57,8 @@ class LoaderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {self.read_ahead}")
 
 
 @dataclass
@@ -76,7 +80,7 @@ class Cursor:
 
 def loader_settings(cfg: LoaderConfig) -> dict:
     """The settings that decide the data order (replay needs them unchanged)."""
-    ignored = ("num_workers", "prefetch")
+    ignored = ("num_workers", "prefetch", "read_ahead")
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
 
 
@@ -257,6 +261,36 @@ def collate(seqs: list[CachedSequence], pack: bool) -> dict[str, torch.Tensor]:
     return batch
 
 
+class ShardReadAhead:
+    """Whole shards for one slot, `depth` of them decoded ahead on a background thread while
+    the current one is consumed, so a remote cache (s3://, gs:// ...) does not starve the
+    trainer. depth = 0 reads each shard when it is needed."""
+
+    def __init__(self, cache: Cache, order: list[int], depth: int):
+        self.cache, self.order, self.depth = cache, order, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead") if depth else None
+        self.futures: dict[int, Future] = {}
+
+    def get(self, shard: int) -> dict[str, np.ndarray]:
+        """The decoded arrays of a shard; starts reading the next `depth` ones."""
+        if self.pool is None:
+            return self.cache.read_shard(shard)
+        future = self.futures.pop(shard, None) or self.pool.submit(self.cache.read_shard, shard)
+        at = self.order.index(shard) if shard in self.order else len(self.order)
+        for nxt in self.order[at + 1 : at + 1 + self.depth]:
+            if nxt not in self.futures:
+                self.futures[nxt] = self.pool.submit(self.cache.read_shard, nxt)
+        return future.result()
+
+    def close(self) -> None:
+        """Drop what was read ahead and stop the thread."""
+        for future in self.futures.values():
+            future.cancel()
+        self.futures = {}
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+
+
 class CacheDataset(IterableDataset):
     """Micro-batches of one rank's share of a cache for one epoch (`set_epoch` between
     epochs). Every DataLoader worker opens the cache itself, lazily: fsspec clients are not
@@ -320,9 +354,7 @@ class CacheDataset(IterableDataset):
         """(the plan of one slot for the current epoch, how many of its micro-batches were
         already trained on and must be skipped). Reads only the shards' offsets."""
         cache = self.cache
-        weights = [row["num_supervised"] for row in cache.shard_rows]
-        slots = slot_count(self.world_size, self.cfg.num_workers)
-        owned = assign_shards(weights, slots, self.cfg.seed, self.epoch, self.cfg.shuffle)[slot]
+        owned = self.owned_shards(slot)
         mode, skip, exclude = self.resume_mode(), 0, None
         if mode == "replay":
             skip, exclude = self.resume.slot_batches[slot], self.resume.base_consumed
@@ -335,6 +367,12 @@ class CacheDataset(IterableDataset):
         first = [row["first_sequence"] for row in cache.shard_rows]
         plan = plan_slot(owned, lengths_of, self.cfg, self.epoch, slot, exclude, first, on_shard)
         return plan, skip
+
+    def owned_shards(self, slot: int) -> list[int]:
+        """The shards one slot reads in the current epoch, in reading order."""
+        weights = [row["num_supervised"] for row in self.cache.shard_rows]
+        slots = slot_count(self.world_size, self.cfg.num_workers)
+        return assign_shards(weights, slots, self.cfg.seed, self.epoch, self.cfg.shuffle)[slot]
 
     def base_consumed(self) -> np.ndarray | None:
         """The filter the current epoch's plan was built with (for the next cursor)."""
@@ -354,20 +392,24 @@ class CacheDataset(IterableDataset):
         loaded: dict[int, dict[str, np.ndarray]] = {}
         pending: dict[int, int] = {}
         plan, skip = self.slot_plan(slot, on_shard=pending.__setitem__)
-        for i, refs in enumerate(plan):
-            if i >= skip:
-                seqs = []
-                for shard, local, _ in refs:
-                    if shard not in loaded:
-                        loaded[shard] = cache.read_shard(shard)
-                    seqs.append(cache.sequence_in(loaded[shard], shard, local))
-                batch = collate(seqs, self.cfg.pack)
-                batch["slot"] = torch.tensor(slot)
-                yield batch
-            for shard, _, _ in refs:
-                pending[shard] -= 1
-                if pending[shard] == 0:
-                    loaded.pop(shard, None)
+        reader = ShardReadAhead(cache, self.owned_shards(slot), self.cfg.read_ahead)
+        try:
+            for i, refs in enumerate(plan):
+                if i >= skip:
+                    seqs = []
+                    for shard, local, _ in refs:
+                        if shard not in loaded:
+                            loaded[shard] = reader.get(shard)
+                        seqs.append(cache.sequence_in(loaded[shard], shard, local))
+                    batch = collate(seqs, self.cfg.pack)
+                    batch["slot"] = torch.tensor(slot)
+                    yield batch
+                for shard, _, _ in refs:
+                    pending[shard] -= 1
+                    if pending[shard] == 0:
+                        loaded.pop(shard, None)
+        finally:
+            reader.close()
 
 
 def plan_sizes(dataset: CacheDataset) -> list[int]:
