@@ -213,6 +213,8 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
               show_default=True, help="auto = bf16 autocast on CUDA, fp32 elsewhere.")
 @click.option("--gradient-checkpointing", is_flag=True, default=False)
+@click.option("--fsdp", is_flag=True, default=False,
+              help="Shard the student over the ranks with FSDP2 instead of replicating it (DDP).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shuffle-buffer", type=int, default=1024, show_default=True)

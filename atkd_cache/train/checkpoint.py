@@ -3,6 +3,7 @@
     RUN/checkpoints/step-00000100/
         model.safetensors        student weights (shared/tied tensors stored once)
         optimizer.safetensors    per-parameter optimizer state, keys "state.<index>.<name>"
+                                 ("param.<fqn>.<name>" for FSDP runs; train/fsdp.py)
         cursor.safetensors       bit-packed consumed-sequence masks of the loader cursor
         rng-rank<r>.safetensors  torch (and CUDA) generator states of rank r
         state.json               step, tokens, optimizer hyper-parameters, cursor, Python and
@@ -141,11 +142,20 @@ def _pack(mask: np.ndarray | None) -> torch.Tensor:
 
 
 def write_main(
-    tmp: str, model, optimizer, state: dict, cursor: Cursor, rng_by_rank: list[dict]
+    tmp: str, model, optimizer, state: dict, cursor: Cursor, rng_by_rank: list[dict],
+    gathered: tuple[dict, dict, list] | None = None,
 ) -> None:
-    """Write the weights, the optimizer, the cursor and state.json (rank 0's part)."""
-    save_model(model, os.path.join(tmp, "model.safetensors"))
-    tensors, groups = _optimizer_split(optimizer)
+    """Write the weights, the optimizer, the cursor and state.json (rank 0's part).
+    `gathered` = (weights, optimizer tensors by name, named groups) of a sharded model,
+    collected beforehand by every rank (train/fsdp.py)."""
+    if gathered is None:
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        tensors, groups = _optimizer_split(optimizer)
+        keys = "index"
+    else:
+        weights, tensors, groups = gathered
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
+        keys = "fqn"
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     n = 0 if cursor.consumed is None else len(cursor.consumed)
     save_file(
@@ -155,6 +165,7 @@ def write_main(
     doc = {
         **state,
         "optimizer_groups": groups,
+        "optimizer_keys": keys,
         "cursor": {
             "epoch": cursor.epoch,
             "world_size": cursor.world_size,
@@ -196,11 +207,24 @@ def read_cursor(path: str, state: dict) -> Cursor:
     )
 
 
-def load_into(path: str, state: dict, model, optimizer, rank: int) -> None:
-    """Restore weights, optimizer and (when this rank was saved) its generator states."""
-    load_model(model, os.path.join(path, "model.safetensors"))
+def load_into(
+    path: str, state: dict, model, optimizer, rank: int, sharded: bool = False
+) -> None:
+    """Restore weights, optimizer and (when this rank was saved) its generator states. A
+    checkpoint of a run with or without FSDP loads into a model sharded or not."""
+    keys = state.get("optimizer_keys", "index")
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    optimizer.load_state_dict(_optimizer_join(tensors, state["optimizer_groups"]))
+    if keys == "index" and not sharded:
+        load_model(model, os.path.join(path, "model.safetensors"))
+        optimizer.load_state_dict(_optimizer_join(tensors, state["optimizer_groups"]))
+    else:
+        from atkd_cache.train import fsdp
+
+        if sharded:
+            fsdp.load_model(model, load_file(os.path.join(path, "model.safetensors")))
+        else:
+            load_model(model, os.path.join(path, "model.safetensors"), strict=False)
+        fsdp.load_optimizer(model, optimizer, tensors, state["optimizer_groups"], keys)
     rng_file = os.path.join(path, f"rng-rank{rank}.safetensors")
     if rank < len(state["rng"]) and os.path.exists(rng_file):
         set_rng_state(load_file(rng_file), state["rng"][rank])

@@ -36,7 +36,7 @@ from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
-from atkd_cache.train import checkpoint
+from atkd_cache.train import checkpoint, fsdp
 from atkd_cache.train.loader import (
     CacheDataset,
     Cursor,
@@ -72,6 +72,7 @@ class TrainConfig:
     epochs: int | None = None
     precision: str = "auto"  # bf16 autocast where the device supports it
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the student with FSDP2 (fully_shard) instead of DDP
     device: str = "auto"
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at the end
@@ -221,7 +222,11 @@ def accumulate_gradients(
     for i, b in enumerate(micro):
         n = int(b["rows"].numel())
         last = i == len(micro) - 1
-        sync = contextlib.nullcontext() if (last or d.world == 1) else net.no_sync()
+        sync = contextlib.nullcontext()
+        if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
+            net.set_requires_gradient_sync(last)
+        elif d.world > 1 and not last:
+            sync = net.no_sync()
         with sync:
             with autocast or contextlib.nullcontext():
                 logits = forward_rows(net, b, d.device)
@@ -323,6 +328,11 @@ def _prepare_output(cfg: TrainConfig, d: Dist) -> str | None:
     return None
 
 
+def is_sharded(cfg: TrainConfig, d: Dist) -> bool:
+    """Does this run shard the student (FSDP on more than one rank)?"""
+    return cfg.fsdp and d.world > 1
+
+
 def _save_checkpoint(
     cfg, d: Dist, model, optimizer, step: int, tokens_seen: int, cursor: Cursor
 ) -> None:
@@ -337,8 +347,11 @@ def _save_checkpoint(
         dist.all_gather_object(metas, meta)
     else:
         metas = [meta]
+    gathered = None
+    if is_sharded(cfg, d):  # collective: every rank takes part, rank 0 receives
+        gathered = (fsdp.full_model_state(model), *fsdp.full_optimizer_state(model, optimizer))
     if d.rank == 0:
-        checkpoint.write_main(tmp, model, optimizer, state, cursor, metas)
+        checkpoint.write_main(tmp, model, optimizer, state, cursor, metas, gathered)
         checkpoint.commit(tmp, cfg.keep_checkpoints)
     d.barrier()
 
@@ -407,7 +420,9 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     net = RowLogits(model)
-    if d.world > 1:
+    if is_sharded(cfg, d):
+        net = fsdp.shard(net, model)
+    elif d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[d.device.index] if d.device.type == "cuda" else None
         )
@@ -417,7 +432,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     step, tokens_seen, cursor = 0, 0, None
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
-        checkpoint.load_into(resume_from, state, model, optimizer, d.rank)
+        checkpoint.load_into(resume_from, state, model, optimizer, d.rank, is_sharded(cfg, d))
         cursor = checkpoint.read_cursor(resume_from, state)
         step, tokens_seen = state["step"], state["tokens_seen"]
         log(f"resuming from {resume_from} (step {step}, epoch {cursor.epoch})")
@@ -483,6 +498,8 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
             norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.clip if cfg.clip > 0 else math.inf
             )
+            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+                norm = norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -528,7 +545,8 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     if step != last_saved:
         cur = _gather_cursor(d, epoch, slot_counts, consumed, base, cfg)
         _save_checkpoint(cfg, d, model, optimizer, step, tokens_seen, cur)
-    digest = weights_sha256(model)
+    weights = fsdp.full_model_state(model) if is_sharded(cfg, d) else None
+    digest = weights_sha256(model) if weights is None else _state_sha256(weights, d)
     digests = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(digests, digest)
@@ -540,17 +558,37 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
                "ranks_agree": len(set(digests)) == 1,
                "seconds": time.perf_counter() - t_start}
     if d.rank == 0:
-        _save_student(model, tokenizer, os.path.join(cfg.output, "model"))
+        _save_student(model, tokenizer, os.path.join(cfg.output, "model"), weights)
         with open(os.path.join(cfg.output, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     d.barrier()
     return summary
 
 
-def _save_student(model, tokenizer, folder: str) -> None:
-    """save_pretrained + tokenizer into a temp folder, then rename (all or nothing)."""
+def _state_sha256(weights: dict[str, torch.Tensor], d: Dist) -> str:
+    """weights_sha256 of gathered weights (on rank 0), shared with every rank."""
+    digest = [None]
+    if d.rank == 0:
+        h = hashlib.sha256()
+        for name in sorted(weights):
+            h.update(name.encode())
+            h.update(weights[name].float().numpy().tobytes())
+        digest = [h.hexdigest()]
+    dist.broadcast_object_list(digest, src=0)
+    return digest[0]
+
+
+def _save_student(model, tokenizer, folder: str, weights: dict | None = None) -> None:
+    """save_pretrained + tokenizer into a temp folder, then rename (all or nothing).
+    `weights`: the gathered weights of a sharded model (saved through a plain copy)."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if weights is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(model.config)
+        model.load_state_dict(weights, strict=False)
+        model.tie_weights()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
