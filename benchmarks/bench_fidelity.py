@@ -174,7 +174,9 @@ def fixed_student(folder: str, tok, workdir: str, steps: int = 40) -> str:
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Angle in degrees between two flat vectors."""
+    """Angle in degrees between two flat vectors (in float64: a float32 dot over 10^7
+    entries is off by ~1e-4, which reads as 0 for angles under ~1.5 degrees)."""
+    a, b = a.double(), b.double()
     cos = float(torch.dot(a, b) / (a.norm() * b.norm()))
     return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
@@ -227,12 +229,14 @@ def main() -> None:
         return torch.cat([g.reshape(-1) for g in grads])
 
     for b, group in enumerate(groups):
-        base = collate([any_cache[i] for i in group], pack=False)
+        # packed: one row, positions restart per sequence (no padding to run through)
+        base = collate([any_cache[i] for i in group], pack=True)
         with torch.no_grad():
             logp = torch.log_softmax(
-                teacher_rows(base["input_ids"], base["rows"], base["attention_mask"]).float(), -1
+                teacher_rows(base["input_ids"], base["rows"], None, base["position_ids"]).float(),
+                -1,
             )
-        logits = student(base["input_ids"], base["rows"], base["attention_mask"])
+        logits = student(base["input_ids"], base["rows"], None, base["position_ids"])
         targets = base["target_ids"]
         hard = base["hard"].bool()
         ref = {loss: param_grad(logits, full_logit_grad(logits, logp, targets, hard, loss))
@@ -244,7 +248,7 @@ def main() -> None:
         for loss in ("fkl", "atkd"):
             angles.setdefault(f"ce (no teacher) | {loss}", []).append(angle(g_ce, ref[loss]))
         for name, cache in opened.items():
-            batch = collate([cache[i] for i in group], pack=False)
+            batch = collate([cache[i] for i in group], pack=True)
             t = sparse_teacher(batch, z.device)
             tails = ("bucket", "renorm") if (
                 caches[name]["mode"] == "topk" and caches[name]["encoding"] == "standard"
