@@ -1,6 +1,6 @@
 """The vLLM backend on vLLM's real CPU build (runs in .venv-vllm: scripts/setup-vllm, marker
-`vllm`): parity with the HF backend on the same sequences, one-line errors, and kill -9 +
-resume behaving as with the HF backend."""
+`vllm`): parity with the HF backend on the same sequences, one-line errors, kill -9 +
+resume behaving as with the HF backend, and a data-parallel pass with one engine per rank."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_parity_with_hf_backend(caches):
         assert np.array_equal(a.hard, b.hard)
         assert np.all(b.entropy <= a.entropy + 1e-4)  # vLLM's entropy is a lower bound
     diff = {k for k, v in hf.card.to_attrs().items() if vl.card.to_attrs()[k] != v}
-    assert diff == {"backend", "exactness", "created_at"}
+    assert diff == {"backend", "exactness", "created_at", "fingerprint"}
     assert vl.card.backend == "vllm" and vl.card.exactness["entropy"] == "lower_bound"
     assert all(vl.card.exactness[q] == "exact" for q in ("topk", "target_logprob", "hard"))
     assert verify_cache(vl) == []
@@ -118,3 +118,30 @@ def test_top_k_beyond_vocabulary_is_one_line(assets, teacher, tmp_path):
     errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "exceeds the teacher's vocabulary" in errors[0]
     assert not (tmp_path / "c" / "zarr.json").exists()
+
+
+def test_one_engine_per_rank_equals_one_process(assets, teacher, caches, tmp_path):
+    """Two ranks, each with its own engine, under torchrun-style variables (which vLLM must
+    not see: it would try to join that job). Run one after the other: two engines at once
+    starve each other on 2 cores."""
+    _, single = caches
+    out = tmp_path / "ranks"
+    for rank in (1, 0):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
+        args = CLI + [
+            "dump-teacher", "--backend", "vllm", "--model", teacher, "--data", assets["chat"],
+            "--messages-field", "messages", "-o", str(out), "--top-k", "8", "--dtype", "fp32",
+            "--logprob-dtype", "float32", "--shard-positions", "200", "--enforce-eager",
+            "--no-progress",
+        ]
+        r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "cache:" in r.stdout  # rank 0 finished last and completed the manifest
+    got = open_cache(out)
+    assert len(got) == len(single) and verify_cache(got) == []
+    assert got.card.fingerprint == single.card.fingerprint
+    for a, b in zip(single, got, strict=True):
+        assert a.seq_id == b.seq_id and np.array_equal(a.input_ids, b.input_ids)
+        assert np.allclose(a.target_logprob, b.target_logprob, atol=1e-5)
+        assert_topk_match(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs)
