@@ -310,6 +310,10 @@ def plot(rows: list[dict], path: str) -> None:
                 ax.plot([r["bytes_per_token"] for r in sel], [r["angle_deg"] for r in sel],
                         marker=styles[series.split()[0]], fillstyle=fill,
                         label=f"{series} {enc}")
+        floor = [r for r in rows if r["loss"] == loss and r["variant"].startswith("ce ")]
+        if floor:
+            ax.axhline(floor[0]["angle_deg"], color="black", ls="--", lw=1,
+                       label="cross-entropy only (no teacher)")
         ax.axvline(32, color="grey", ls=":", lw=1)
         ax.axhline(5, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
