@@ -272,6 +272,8 @@ class CacheWriter:
 
     def _all_rows(self) -> list[dict]:
         """Rows committed by any writer: the manifest and every part manifest, by index."""
+        if self.remote:  # other ranks' puts are not in this client's listing cache
+            self.fs.invalidate_cache()
         rows = {row["index"]: row for row in read_manifest(self._url()).to_pylist()}
         for name in sorted(self._listdir(PARTS_DIR)):
             if name.endswith(".parquet"):
