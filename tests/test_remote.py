@@ -134,3 +134,19 @@ def test_memory_url_round_trip(assets, tmp_path):
     dump(assets, tmp_path / "local", shape="chat", shard_positions=100)
     same_arrays(url, tmp_path / "local")
     assert verify_cache(open_cache(url)) == []
+
+
+def test_two_ranks_write_one_s3_cache(assets, s3, tmp_path):
+    data = tiny.write_datasets(str(tmp_path / "data"), n=120, seed=9)["text"]
+    local = tmp_path / "local"
+    subprocess.run(CLI + dump_args(assets, data, str(local)), check=True, env=s3["env"],
+                   capture_output=True)
+    url = "s3://caches/ranks/cache"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "atkd_cache.cli.main",
+                        *dump_args(assets, data, url)], env=s3["env"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_arrays(url, local)
+    assert verify_cache(open_cache(url)) == []
+    assert not s3["fs"].exists("caches/ranks/cache/parts")
