@@ -149,4 +149,5 @@ def test_two_ranks_write_one_s3_cache(assets, s3, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     same_arrays(url, local)
     assert verify_cache(open_cache(url)) == []
+    s3["fs"].invalidate_cache()
     assert not s3["fs"].exists("caches/ranks/cache/parts")
