@@ -32,14 +32,13 @@ PART_FIELDS = ("data_source", "data_split", "data_limit", "data_fingerprint", "c
 
 
 def _check_same_card(first: Cache, other: Cache) -> None:
-    a = {k: v for k, v in first.card.to_attrs().items() if k not in PART_FIELDS}
-    b = {k: v for k, v in other.card.to_attrs().items() if k not in PART_FIELDS}
-    for key in a:
-        if a[key] != b.get(key):
-            raise UserError(
-                f"cannot join {other.path} to {first.path}: {key} is {b.get(key)!r} there but "
-                f"{a[key]!r} in the first cache (concat joins caches made with the same card)"
-            )
+    diff = first.card.first_difference(other.card, ignore=PART_FIELDS)
+    if diff is not None:
+        key, mine, theirs = diff
+        raise UserError(
+            f"cannot join {other.path} to {first.path}: {key} is {theirs!r} there but "
+            f"{mine!r} in the first cache (concat joins caches made with the same card)"
+        )
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numcodecs
 import numpy as np
 import pyarrow as pa
 from zarr.codecs import BitRound, BloscCodec, BloscShuffle, Crc32cCodec
@@ -152,11 +153,8 @@ def array_filters(name: str, dtype: np.dtype, encoding: str) -> list:
 def round_for_encoding(name: str, values: np.ndarray, encoding: str) -> np.ndarray:
     """The values a reader will decode for this array (lossy filters applied, else as is)."""
     if encoding == "packed" and name in PACKED_KEEPBITS:
-        from numcodecs import BitRound as _BitRound
-
-        return _BitRound(PACKED_KEEPBITS[name]).encode(values).view(values.dtype).reshape(
-            values.shape
-        )
+        rounded = numcodecs.BitRound(PACKED_KEEPBITS[name]).encode(values)
+        return rounded.view(values.dtype).reshape(values.shape)
     return values
 
 
@@ -259,11 +257,13 @@ class CacheCard:
         """The oldest format version that can read this cache."""
         return 1 if (self.mode, self.encoding) == ("topk", "standard") else 2
 
-    def first_difference(self, other: CacheCard) -> tuple[str, Any, Any] | None:
-        """The first field (other than volatile ones) where two cards differ, if any."""
+    def first_difference(
+        self, other: CacheCard, ignore: tuple[str, ...] = VOLATILE
+    ) -> tuple[str, Any, Any] | None:
+        """The first field (other than `ignore`d ones) where two cards differ, if any."""
         mine, theirs = self.to_attrs(), other.to_attrs()
         for key in mine:
-            if key not in self.VOLATILE and mine[key] != theirs.get(key):
+            if key not in ignore and mine[key] != theirs.get(key):
                 return key, mine[key], theirs.get(key)
         return None
 
