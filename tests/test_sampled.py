@@ -245,3 +245,17 @@ def test_training_on_a_sampled_cache_learns(caches, assets, tmp_path):
     cfg.output, cfg.loss = str(tmp_path / "bad"), LossConfig(loss="kd", base="tvd")
     with pytest.raises(UserError, match="sampled cache.*forward KL"):
         train(cfg, log=lambda m: None)
+
+
+def test_bad_sampled_settings_are_one_line(assets, tmp_path):
+    from click.testing import CliRunner
+
+    from atkd_cache.cli.main import main
+
+    base = ["dump-teacher", "--model", assets["llama"], "--data", assets["text"],
+            "--text-field", "text", "-o", str(tmp_path / "c"), "--mode", "sampled"]
+    for extra, message in ((["--num-samples", "300"], "--num-samples must be in 1..255"),
+                           (["--backend", "vllm"], "use --backend hf")):
+        r = CliRunner().invoke(main, base + extra)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+        assert not (tmp_path / "c").exists()
