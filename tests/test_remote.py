@@ -75,6 +75,15 @@ def dump_args(assets, data, out, *extra):
     ]
 
 
+def local_reference(assets, s3, tmp_path, n: int, seed: int):
+    """A text dataset and its cache dumped to a local folder by the CLI."""
+    data = tiny.write_datasets(str(tmp_path / "data"), n=n, seed=seed)["text"]
+    local = tmp_path / "local"
+    subprocess.run(CLI + dump_args(assets, data, str(local)), check=True, env=s3["env"],
+                   capture_output=True)
+    return data, local
+
+
 def same_arrays(a, b):
     x, y = open_cache(a), open_cache(b)
     assert len(x) == len(y) and x.array_names == y.array_names
@@ -83,10 +92,7 @@ def same_arrays(a, b):
 
 
 def test_dump_to_s3_after_a_kill_then_read_and_train(assets, s3, tmp_path):
-    data = tiny.write_datasets(str(tmp_path / "data"), n=160, seed=8)["text"]
-    local = tmp_path / "local"
-    subprocess.run(CLI + dump_args(assets, data, str(local)), check=True, env=s3["env"],
-                   capture_output=True)
+    data, local = local_reference(assets, s3, tmp_path, n=160, seed=8)
     url = "s3://caches/run-1/cache"
     victim = subprocess.Popen(CLI + dump_args(assets, data, url), env=s3["env"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -137,10 +143,7 @@ def test_memory_url_round_trip(assets, tmp_path):
 
 
 def test_two_ranks_write_one_s3_cache(assets, s3, tmp_path):
-    data = tiny.write_datasets(str(tmp_path / "data"), n=120, seed=9)["text"]
-    local = tmp_path / "local"
-    subprocess.run(CLI + dump_args(assets, data, str(local)), check=True, env=s3["env"],
-                   capture_output=True)
+    data, local = local_reference(assets, s3, tmp_path, n=120, seed=9)
     url = "s3://caches/ranks/cache"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "2", "-m", "atkd_cache.cli.main",
