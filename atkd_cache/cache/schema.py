@@ -141,7 +141,7 @@ PACKED_KEEPBITS = {"target_logprob": 10, "entropy": 7, "uncertainty": 10, "topk_
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
 
-def array_filters(name: str, dtype: np.dtype, encoding: str) -> list:
+def array_filters(name: str, encoding: str) -> list:
     """Array-to-array codecs applied before compression (none for the standard encoding)."""
     if encoding != "packed":
         return []

@@ -394,7 +394,7 @@ class CacheWriter:
             chunks = (min(CHUNK_ROWS, max(1, values.shape[0])),) + values.shape[1:]
             arr = group.create_array(
                 key, shape=values.shape, dtype=values.dtype, chunks=chunks,
-                filters=array_filters(key, values.dtype, self.card.encoding),
+                filters=array_filters(key, self.card.encoding),
                 compressors=array_codecs(key, values.dtype), fill_value=0,
             )
             arr[...] = values

@@ -170,13 +170,18 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def weights_sha256(model) -> str:
-    """sha256 over every parameter's bytes (checks that DDP ranks ended identical)."""
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors' bytes, in name order (as float32)."""
     digest = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(state.items()):
         digest.update(name.encode())
         digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter's bytes (checks that DDP ranks ended identical)."""
+    return state_sha256(model.state_dict())
 
 
 def sparse_teacher(batch: dict, device: torch.device) -> SparseTeacher:
@@ -567,13 +572,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
 
 def _state_sha256(weights: dict[str, torch.Tensor], d: Dist) -> str:
     """weights_sha256 of gathered weights (on rank 0), shared with every rank."""
-    digest = [None]
-    if d.rank == 0:
-        h = hashlib.sha256()
-        for name in sorted(weights):
-            h.update(name.encode())
-            h.update(weights[name].float().numpy().tobytes())
-        digest = [h.hexdigest()]
+    digest = [state_sha256(weights) if d.rank == 0 else None]
     dist.broadcast_object_list(digest, src=0)
     return digest[0]
 
