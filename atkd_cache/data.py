@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atkd_cache.errors import UserError, first_line
+from atkd_cache.fingerprint import add_sequence
 
 FILE_BUILDERS = {
     ".json": "json",
@@ -248,9 +249,7 @@ def tokenize_rows(rows, tokenizer, spec: DataSpec) -> tuple[list[TokenizedSequen
             stats.dropped_empty += 1
             continue
         seq = TokenizedSequence(seq_id, np.asarray(ids, dtype=np.int64), supervised)
-        digest.update(np.int64(seq_id).tobytes())
-        digest.update(seq.input_ids.tobytes())
-        digest.update(np.packbits(supervised).tobytes())
+        add_sequence(digest, seq_id, seq.input_ids, supervised)
         out.append(seq)
         stats.tokens += len(ids)
         stats.supervised += int(supervised.sum())

@@ -169,7 +169,8 @@ def teacher_dtype(cfg: DumpConfig) -> str:
 
 
 def build_card(
-    cfg: DumpConfig, width: int, revision: str | None, tokenizer, data_fingerprint: str
+    cfg: DumpConfig, width: int, revision: str | None, tokenizer, data_fingerprint: str,
+    planned_shards: int,
 ) -> CacheCard:
     """The cache card for this configuration."""
     spec = cfg.data
@@ -212,6 +213,7 @@ def build_card(
         num_samples=cfg.num_samples if sampled else 0,
         sample_seed=cfg.sample_seed if sampled else 0,
         encoding=cfg.encoding,
+        planned_shards=planned_shards,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     card.format_version = card.needed_version  # plain top-k caches stay readable by v1 tools
@@ -359,8 +361,8 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
             f"token id {too_big} is outside the teacher's {width} logits: the tokenizer does "
             f"not belong to this model"
         )
-    card = build_card(cfg, width, revision, tokenizer, stats.fingerprint)
     windows = plan_windows(seqs, cfg.shard_positions)
+    card = build_card(cfg, width, revision, tokenizer, stats.fingerprint, len(windows))
 
     with CacheWriter(cfg.output, card, rank, world) as writer, ThreadPoolExecutor(1) as pool:
         done = {row["index"]: row for row in writer.committed}

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 
+import numpy as np
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what decides tokenization: vocabulary, merges, added/special tokens, and the
@@ -50,3 +52,13 @@ def weights_hash(path: str) -> str:
             while block := fh.read(1 << 22):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def add_sequence(digest, seq_id: int, input_ids: np.ndarray, supervised: np.ndarray) -> None:
+    """Feed one stored sequence into a data fingerprint (the card's `data_fingerprint` is
+    "sha256:" + the hex digest over every stored sequence, in cache order): its seq_id as 8
+    little-endian bytes, its token ids as little-endian int64, its supervised mask as
+    np.packbits bytes (big bit order, zero-padded to a whole byte)."""
+    digest.update(np.asarray(seq_id, dtype="<i8").tobytes())
+    digest.update(np.asarray(input_ids, dtype="<i8").tobytes())
+    digest.update(np.packbits(np.asarray(supervised, dtype=bool)).tobytes())

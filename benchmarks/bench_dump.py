@@ -83,7 +83,8 @@ def main() -> None:
     for k in (8, 32, 64):
         out = os.path.join(args.workdir, f"cache-k{k}")
         shutil.rmtree(out, ignore_errors=True)
-        card = build_card(replace(cfg, top_k=k), logits_width(model), None, tok, "bench")
+        card = build_card(replace(cfg, top_k=k), logits_width(model), None, tok, "bench",
+                          planned_shards=1)
         records = []
         for i, s in enumerate(seqs):
             o = outputs[i]
@@ -95,6 +96,7 @@ def main() -> None:
             ))
         with CacheWriter(out, card) as w:
             row = w.write_shard(records, 0)
+            w.finish(1)
         print(f"{k:<3d} {row['bytes'] / row['num_supervised']:8.1f}")
         if k == 32:
             shard = os.path.join(out, "shards", row["shard"])

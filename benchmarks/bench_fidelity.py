@@ -98,9 +98,10 @@ def write_caches(outputs, seqs, folder, tok, width, workdir) -> dict[str, dict]:
             per_seq.append(o)
         path = os.path.join(workdir, "fidelity", name_of(v).replace(" ", "-").replace("=", ""))
         shutil.rmtree(path, ignore_errors=True)
-        card = build_card(cfg, width, None, tok, "bench")
+        card = build_card(cfg, width, None, tok, "bench", planned_shards=1)
         with CacheWriter(path, card) as w:
             row = w.write_shard(records_for_window(seqs, per_seq, 0.5), 0)
+            w.finish(1)
         shard = os.path.join(path, "shards", row["shard"])
         per_array = {
             name: sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in

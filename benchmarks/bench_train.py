@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -132,9 +133,10 @@ def replicated(cache: str, copies: int, out: str) -> str:
         return out
     src = open_cache(cache)
     seqs = list(src)
-    with CacheWriter(out, src.card) as writer:
+    with CacheWriter(out, replace(src.card, planned_shards=copies)) as writer:
         for c in range(copies):
             writer.write_shard(seqs, first_sequence=c * len(seqs))
+        writer.finish(copies)
     return out
 
 

@@ -136,18 +136,20 @@ def info_cmd(cache: str, as_json: bool) -> None:
 @click.argument("cache")
 @user_errors
 def verify_cmd(cache: str) -> None:
-    """Re-check every checksum and the manifest against the shards."""
-    from atkd_cache.cache.inspect import verify_cache
+    """Re-check every file of a cache: chunks, metadata, card, manifest, completion."""
+    from atkd_cache.cache.inspect import leftovers, verify_cache
     from atkd_cache.cache.reader import open_cache
 
-    opened = open_cache(cache)
+    opened = open_cache(cache, check=False)  # verify reports every problem, not the first
     problems = verify_cache(opened)
+    for note in leftovers(opened):
+        click.echo(f"note: {note}", err=True)
     for p in problems:
         click.echo(f"CORRUPT {p}", err=True)
     if problems:
         click.echo(f"error: {len(problems)} problem(s) in {cache}", err=True)
         sys.exit(1)
-    click.echo(f"ok: {len(opened.shard_rows)} shards, {opened.num_sequences} sequences, "
+    click.echo(f"ok: {opened.status_line()}, {opened.num_sequences} sequences, "
                f"{opened.num_supervised} supervised positions verified")
 
 
@@ -229,6 +231,11 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--log-sequences", is_flag=True, default=False,
               help="Record which sequences each step used (sequences-rank<r>.jsonl).")
 @click.option("--no-tensorboard", is_flag=True, default=False)
+@click.option("--allow-partial", is_flag=True, default=False,
+              help="Train on the committed shards of a cache whose dump has not finished.")
+@click.option("--skip-checksums", is_flag=True, default=False,
+              help="Do not compare shards with the manifest's sha256s as they load "
+                   "(for a cache you verified; costs < 1 % of loader throughput).")
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--no-progress", is_flag=True, default=False)
 @user_errors
@@ -247,7 +254,7 @@ def train_student_cmd(**kw) -> None:
     loader = LoaderConfig(
         batch_tokens=kw.pop("batch_tokens"), pack=kw.pop("pack"), seed=kw["seed"],
         shuffle_buffer=kw.pop("shuffle_buffer"), num_workers=kw.pop("num_workers"),
-        read_ahead=kw.pop("read_ahead"),
+        read_ahead=kw.pop("read_ahead"), verify_reads=not kw.pop("skip_checksums"),
     )
     kw["progress"] = not kw.pop("no_progress")
     kw["tensorboard"] = not kw.pop("no_tensorboard")
@@ -309,6 +316,9 @@ def evaluate_cmd(**kw) -> None:
         limit=kw["limit"], max_new_tokens=kw["max_new_tokens"], samples_out=kw["samples"],
         trust_remote_code=kw["trust_remote_code"],
     ))
+    if "partial" in result.get("cache_status", ""):
+        click.echo(f"warning: {kw['cache']} is {result['cache_status']}: metrics cover those",
+                   err=True)
     click.echo(format_table(result))
     if json_out:
         with open(json_out, "w") as f:

@@ -17,18 +17,19 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from atkd_cache.cache.inspect import verify_cache
+from atkd_cache.cache.integrity import canonical_json, complete_record, manifest_table, meta_sha256
 from atkd_cache.cache.reader import Cache, open_cache
-from atkd_cache.cache.schema import MANIFEST_FILE, MANIFEST_SCHEMA, SHARDS_GROUP, CacheCard
+from atkd_cache.cache.schema import COMPLETE_FILE, MANIFEST_FILE, SHARDS_GROUP, CacheCard
 from atkd_cache.cache.writer import shard_name
 from atkd_cache.errors import UserError
 
 # Card fields that may differ between the parts: what data they were made from.
 PART_FIELDS = ("data_source", "data_split", "data_limit", "data_fingerprint", "created_at",
-               "fingerprint", "extra", "shard_positions", "tool_version")
+               "fingerprint", "extra", "shard_positions", "tool_version", "planned_shards")
 
 
 def _check_same_card(first: Cache, other: Cache) -> None:
@@ -66,8 +67,10 @@ def joined_card(caches: list[Cache]) -> CacheCard:
         data_fingerprint="sha256:" + data_fp,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         extra={**first.extra, "concat": [
-            {"path": c.path, "fingerprint": c.card.identity, "sequences": len(c)} for c in caches
+            {"path": c.path, "fingerprint": c.card.identity, "sequences": len(c),
+             "data_fingerprint": c.card.data_fingerprint} for c in caches
         ]},
+        planned_shards=sum(len(c.shard_rows) for c in caches),
     )
     card.fingerprint = card.content_fingerprint()
     return card
@@ -87,6 +90,13 @@ def concat_caches(inputs: list[str], output: str) -> Cache:
         cache = open_cache(path)
         if len(cache) == 0:
             raise UserError(f"{path} has no committed sequences")
+        if cache.status == "partial":
+            raise UserError(f"{path} is {cache.status_line()}: concat joins finished caches; "
+                            f"let its dump finish first")
+        problems = verify_cache(cache)  # every shard is read: never join damaged data
+        if problems:
+            raise UserError(f"{path} is damaged ({problems[0]}; {len(problems)} problem(s) in "
+                            f"all): re-copy it or dump it again")
         caches.append(cache)
     for other in caches[1:]:
         _check_same_card(caches[0], other)
@@ -107,12 +117,21 @@ def concat_caches(inputs: list[str], output: str) -> Cache:
             doc.setdefault("attributes", {})["shard_index"] = index
             meta.unlink()  # a hard link to the source's file: replace, never write through
             meta.write_text(json.dumps(doc, indent=2))
-            rows.append({**row, "shard": name, "index": index, "first_sequence": first_sequence})
+            shard_dir = staging / SHARDS_GROUP / name
+            rows.append({
+                **row, "shard": name, "index": index, "first_sequence": first_sequence,
+                "bytes": sum(p.stat().st_size for p in shard_dir.rglob("*") if p.is_file()),
+                "sha256_meta": meta_sha256(lambda rel, d=shard_dir: (d / rel).read_bytes(),
+                                           cache.array_names),
+            })
             first_sequence += row["num_sequences"]
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), staging / MANIFEST_FILE)
     zarr.open_group(str(staging / ".root"), mode="w", attributes=card.to_attrs())
     os.replace(staging / ".root" / "zarr.json", staging / "zarr.json")
     shutil.rmtree(staging / ".root")
+    stored = dict(zarr.open_group(str(staging), mode="r").attrs)
+    pq.write_table(manifest_table(rows, stored), staging / MANIFEST_FILE,
+                   write_page_checksum=True)
+    (staging / COMPLETE_FILE).write_bytes(canonical_json(complete_record(rows)))
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.rename(staging, out)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-from atkd_cache.cache.reader import Cache
-from atkd_cache.cache.schema import SHARDS_GROUP
-from atkd_cache.cache.writer import array_sha256
-from atkd_cache.errors import first_line
+from atkd_cache.cache.integrity import array_sha256, meta_sha256
+from atkd_cache.cache.reader import Cache, DamagedCache
+from atkd_cache.cache.schema import PARTS_DIR, SHARDS_GROUP, TMP_DIR
+from atkd_cache.fingerprint import add_sequence
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -26,6 +28,7 @@ def cache_info(cache: Cache) -> dict:
     """Card, counts, bytes/token, supervised and hard fractions, UNC and entropy summaries."""
     return {
         "path": cache.path,
+        "status": cache.status_line(),
         "fingerprint": cache.card.identity,
         "card": cache.card.to_attrs(),
         "shards": len(cache.shard_rows),
@@ -47,35 +50,121 @@ def cache_info(cache: Cache) -> dict:
 
 
 def verify_cache(cache: Cache) -> list[str]:
-    """Re-read every array of every committed shard; return the problems found (empty = ok).
+    """Re-read every file of a cache; return the problems found (empty = ok).
 
-    Checks, per shard: the shard exists; each array decodes (zarr checks each chunk's
-    crc32c); its sha256 equals the manifest's; the offsets and counts agree with the manifest.
+    Open `cache` with check=False so that verify sees every problem instead of the first.
+    Checks: what opening found (manifest and card digests, the completion record); the card's
+    fingerprint recomputed from its fields; per shard, that it exists, each array decodes
+    (zarr checks each chunk's crc32c) and equals the manifest's sha256, its metadata files
+    equal `sha256_meta`, offsets and counts agree; for a complete cache, `data_fingerprint`
+    recomputed from the stored sequences.
     """
-    problems = []
-    shards = cache.root[SHARDS_GROUP]
-    for row in cache.shard_rows:
+    problems = list(cache.problems)
+    card = cache.card
+    if card.fingerprint and card.content_fingerprint() != card.fingerprint:
+        problems.append("card: fingerprint does not match the card's content fields")
+    digest = _DataDigest(cache) if cache.complete and not problems else None
+    folders = set(cache.shard_folders())
+    for i, row in enumerate(cache.shard_rows):
         name = row["shard"]
-        try:
-            group = shards[name]
-        except KeyError:
+        if name not in folders:
             problems.append(f"{name}: listed in the manifest but missing")
             continue
         arrays = {}
         for key in cache.array_names:
             try:
-                arrays[key] = group[key][...]
-            except KeyError:
-                problems.append(f"{name}/{key}: array missing")
-                continue
-            except Exception as e:  # zarr raises ValueError on a crc32c mismatch
-                problems.append(f"{name}/{key}: unreadable ({first_line(e)})")
+                arrays[key] = cache.decode_array(i, key)
+            except DamagedCache as e:
+                problems.append(e.problem)
                 continue
             if array_sha256(arrays[key]) != row[f"sha256_{key}"]:
                 problems.append(f"{name}/{key}: sha256 differs from the manifest")
-        if len(arrays) == len(cache.array_names):
-            problems += _check_counts(name, row, arrays, cache.card.num_samples)
+        if len(arrays) < len(cache.array_names):
+            continue
+        if row["sha256_meta"] is not None:
+            problems += _check_meta(cache, name, row["sha256_meta"])
+        problems += _check_counts(name, row, arrays, card.num_samples)
+        if digest is not None:
+            digest.add(arrays)
+    if digest is not None and not problems:
+        problems += digest.problems()
     return problems
+
+
+def leftovers(cache: Cache) -> list[str]:
+    """What an interrupted or running dump left beside the committed cache (not problems)."""
+    notes = []
+    listed = {row["shard"] for row in cache.shard_rows}
+    unlisted = [n for n in cache.shard_folders() if n not in listed]
+    if unlisted:
+        notes.append(f"{len(unlisted)} shard folder(s) not in the manifest ({unlisted[0]} ...): "
+                     f"uncommitted work of a running or interrupted dump, ignored by readers")
+    tmp = cache._listdir(TMP_DIR)
+    if tmp:
+        notes.append(f"{TMP_DIR}/ holds {len(tmp)} uncommitted file(s) or folder(s)")
+    if cache.complete and cache.in_progress():
+        notes.append(f"{PARTS_DIR}/ is left over from the finished dump")
+    return notes
+
+
+def _check_meta(cache: Cache, name: str, expected: str) -> list[str]:
+    def read(rel: str) -> bytes:
+        return cache.fs.cat_file(f"{cache.base}/{SHARDS_GROUP}/{name}/{rel}")
+
+    try:
+        actual = meta_sha256(read, cache.array_names)
+    except FileNotFoundError:
+        return [f"{name}: a metadata file (zarr.json) is missing"]
+    if actual != expected:
+        return [f"{name}: its metadata files (zarr.json) differ from the manifest's sha256_meta"]
+    return []
+
+
+class _DataDigest:
+    """Recomputes the card's data_fingerprint (per part for a cache made by concat)."""
+
+    def __init__(self, cache: Cache):
+        parts = cache.card.extra.get("concat") if isinstance(cache.card.extra, dict) else None
+        self.expected = cache.card.data_fingerprint
+        self.bounds: list[tuple[int, str]] = []  # (sequences in the part, its fingerprint)
+        if parts:
+            if not all(isinstance(p, dict) and "data_fingerprint" in p for p in parts):
+                self.bounds = []
+                self.skip = True  # made by a concat that did not record the parts' digests
+                return
+            self.bounds = [(p["sequences"], p["data_fingerprint"]) for p in parts]
+        self.skip = False
+        self.seen, self.digests, self.current = 0, [], hashlib.sha256()
+
+    def add(self, a: dict[str, np.ndarray]) -> None:
+        """Feed one shard's sequences."""
+        if self.skip:
+            return
+        offsets = a["token_offsets"]
+        for i, seq_id in enumerate(a["seq_ids"].tolist()):
+            t0, t1 = offsets[i], offsets[i + 1]
+            add_sequence(self.current, seq_id, a["input_ids"][t0:t1],
+                         a["supervised"][t0 - i : t1 - i - 1])
+            self.seen += 1
+            if self.bounds and self.seen == sum(n for n, _ in self.bounds[: len(self.digests) + 1]):
+                self.digests.append("sha256:" + self.current.hexdigest())
+                self.current = hashlib.sha256()
+
+    def problems(self) -> list[str]:
+        """A problem when the recomputed fingerprint differs from the card's."""
+        if self.skip:
+            return []
+        if self.bounds:
+            got = [fp for _, fp in self.bounds]
+            if self.digests != got:
+                return ["card: a part's data_fingerprint does not match its stored sequences"]
+            joined = hashlib.sha256("\n".join(got).encode()).hexdigest()
+            actual = "sha256:" + joined
+        else:
+            actual = "sha256:" + self.current.hexdigest()
+        if actual != self.expected:
+            return ["card: data_fingerprint does not match the stored sequences"]
+        return []
 
 
 def _check_counts(

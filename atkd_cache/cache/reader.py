@@ -1,31 +1,57 @@
 """Reads a cache: the card, the manifest, sequences by index, and batches of sequences.
 
-Works on a local path or any fsspec URL zarr can open (file://, memory://, s3:// ...).
-Only shards listed in the manifest are read. Shards are loaded whole (they are the unit of
-I/O and of compression) and the most recent one is kept for random access.
+Works on a local path or any fsspec URL (file://, memory://, s3:// ...) through one code
+path. Only shards listed in the manifest are read. Shards are loaded whole (they are the
+unit of I/O and of compression) and the most recent one is kept for random access.
+
+With `check` (the default) a reader never hands out data that differs from what was
+committed: opening checks the manifest's own checksum, the card's, and the completion
+record (cache/integrity.py); loading a shard checks each array's sha256 against the
+manifest, so a missing chunk (which zarr would fill with zeros) or a damaged one is one
+clear error naming the cache, shard and array.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from atkd_cache.cache.integrity import (
+    array_sha256,
+    complete_problems,
+    manifest_problems,
+    normalized_rows,
+)
 from atkd_cache.cache.schema import (
+    COMPLETE_FILE,
     MANIFEST_FILE,
     MANIFEST_SCHEMA,
+    PARTS_DIR,
     SHARDS_GROUP,
     CacheCard,
     SequenceRecord,
     arrays_for,
 )
-from atkd_cache.errors import UserError
+from atkd_cache.errors import UserError, first_line
+
+
+class DamagedCache(UserError):
+    """A cache file that cannot be read or does not match its checksum; `problem` says which
+    (e.g. "shard-000001/topk_logprobs: unreadable (...)")."""
+
+    def __init__(self, path: str, problem: str = ""):
+        self.problem = problem
+        super().__init__(f"cache {path}: {problem}: the cache is damaged; re-copy it "
+                         f"(`atkd-cache verify` lists every problem)" if problem else path)
 
 
 @dataclass
@@ -39,40 +65,56 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def read_manifest(path: str | os.PathLike) -> pa.Table:
-    """The manifest of the cache at a path or fsspec URL (empty when nothing is committed)."""
-    path = str(path)
-    url = _join(path, MANIFEST_FILE)
+    """The manifest of the cache at a path or fsspec URL (empty when nothing is committed).
+    Data pages are checked against their CRCs; a damaged file is a UserError."""
+    fs, base = fsspec.core.url_to_fs(str(path))
+    where = _join(base, MANIFEST_FILE)
     try:
-        if _is_url(path):
-            import fsspec
-
-            with fsspec.open(url, "rb") as f:
-                return pq.read_table(f)
-        return pq.read_table(url)
+        with fs.open(where, "rb") as f:
+            return pq.read_table(f, page_checksum_verification=True)
     except FileNotFoundError:
         return MANIFEST_SCHEMA.empty_table()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(
+            f"cache {path}: {MANIFEST_FILE} is unreadable ({first_line(e)}): the cache is "
+            f"damaged; re-copy it (or re-run the dump that wrote it)"
+        ) from None
 
 
 class Cache:
-    """An opened cache. `open_cache` is the way to get one."""
+    """An opened cache. `open_cache` is the way to get one.
 
-    def __init__(self, path: str | os.PathLike):
+    `status` is "complete" (complete.json agrees with the manifest), "partial" (a dump in
+    progress or interrupted: fewer shards than planned) or "legacy" (written before
+    completion was recorded). `problems` lists what opening found wrong (empty when sound).
+    """
+
+    def __init__(self, path: str | os.PathLike, check: bool = True):
         self.path = str(path)
-        if not _is_url(self.path) and not os.path.isdir(self.path):
+        self.check = check
+        self.fs, self.base = fsspec.core.url_to_fs(self.path)
+        self.base = self.base.rstrip("/")
+        if not self.fs.isdir(self.base):
             raise UserError(f"{self.path} does not exist or is not a folder: give a cache path")
+        if not self.fs.exists(_join(self.base, "zarr.json")):
+            raise UserError(f"{self.path} is not an atkd-cache cache (no zarr.json card)")
         try:
             self.root = zarr.open_group(self.path, mode="r")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
-            msg = f"{self.path} is not an atkd-cache cache (no Zarr root group)"
-            raise UserError(msg) from None
-        self.card = CacheCard.from_attrs(dict(self.root.attrs), where=self.path)
-        self.manifest = read_manifest(self.path)
-        rows = self.manifest.to_pylist()
+            self.attrs = dict(self.root.attrs)
+        except Exception as e:  # a damaged zarr.json fails in many ways (JSON, metadata)
+            raise UserError(f"cache {self.path}: its card (zarr.json) is unreadable "
+                            f"({first_line(e)}): the cache is damaged") from None
+        self.card = CacheCard.from_attrs(self.attrs, where=self.path)
+        self.array_names = arrays_for(self.card.mode)
+        table = read_manifest(self.path)
+        has_manifest = self.fs.exists(_join(self.base, MANIFEST_FILE))
+        new_style = self.card.planned_shards > 0  # written with checksums and a plan
+        self.problems = manifest_problems(table, self.attrs, self.array_names, new_style) \
+            if has_manifest else []
+        rows = normalized_rows(table) if not self.problems else []
+        self.status = self._completion(rows, has_manifest)
+        self.manifest = table
         self.shard_rows = rows
         self._starts = [r["first_sequence"] for r in rows]
         self.num_sequences = sum(r["num_sequences"] for r in rows)
@@ -81,18 +123,97 @@ class Cache:
         self.num_supervised = sum(r["num_supervised"] for r in rows)
         self.num_hard = sum(r["num_hard"] for r in rows)
         self.num_bytes = sum(r["bytes"] for r in rows)
-        self.array_names = arrays_for(self.card.mode)
         self._loaded: tuple[int, dict[str, np.ndarray]] | None = None
+
+    # -- what state the cache is in ------------------------------------------------------
+    def _listdir(self, name: str) -> list[str]:
+        where = _join(self.base, name)
+        if not self.fs.isdir(where):
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(where, detail=False)]
+
+    def shard_folders(self) -> list[str]:
+        """Names of the shard folders on disk (listed in the manifest or not)."""
+        return sorted(n for n in self._listdir(SHARDS_GROUP) if n.startswith("shard-"))
+
+    def in_progress(self) -> bool:
+        """Are there part manifests, i.e. a dump running or interrupted?"""
+        return any(n.endswith(".parquet") for n in self._listdir(PARTS_DIR))
+
+    def _completion(self, rows: list[dict], has_manifest: bool) -> str:
+        """complete / partial / legacy; adds to self.problems what contradicts the record."""
+        planned = self.card.planned_shards
+        where = _join(self.base, COMPLETE_FILE)
+        if self.fs.exists(where):
+            try:
+                record = json.loads(self.fs.cat_file(where))
+            except ValueError as e:
+                self.problems.append(f"{COMPLETE_FILE} is unreadable ({first_line(e)})")
+                return "complete"
+            if not has_manifest:
+                self.problems.append(f"{MANIFEST_FILE} is missing but {COMPLETE_FILE} says the "
+                                     f"dump finished")
+            elif not self.problems:
+                self.problems += complete_problems(record, rows)
+            if not self.problems and planned and len(rows) != planned:
+                self.problems.append(f"the manifest lists {len(rows)} shards but the card "
+                                     f"planned {planned}")
+            return "complete"
+        if not planned:
+            return "legacy"
+        if self.in_progress():
+            return "partial"
+        folders = self.shard_folders()
+        if len(rows) == planned:
+            self.problems.append(f"{COMPLETE_FILE} is missing though the manifest lists every "
+                                 f"planned shard")
+        elif not has_manifest and folders:
+            self.problems.append(f"{MANIFEST_FILE} is missing but shards/ holds {len(folders)} "
+                                 f"shard folder(s)")
+        elif rows:
+            self.problems.append(f"the manifest lists {len(rows)} of {planned} planned shards "
+                                 f"and no dump is in progress (parts/ is gone): it lost rows")
+        return "partial"
+
+    @property
+    def complete(self) -> bool:
+        """Did the dump that wrote this cache finish (every planned shard committed)?"""
+        return self.status == "complete"
+
+    def status_line(self) -> str:
+        """complete / partial (N of M shards) / legacy, in words."""
+        n = len(self.shard_rows)
+        if self.status == "complete":
+            return f"complete ({n} shards)"
+        if self.status == "partial":
+            return f"partial ({n} of {self.card.planned_shards} shards committed)"
+        return f"unknown ({n} shards; written before atkd-cache recorded completion)"
 
     def __len__(self) -> int:
         return self.num_sequences
 
+    def decode_array(self, shard: int, key: str) -> np.ndarray:
+        """One array of one shard, decoded (zarr checks each chunk's crc32c), unchecked."""
+        name = self.shard_rows[shard]["shard"]
+        try:
+            return self.root[SHARDS_GROUP][name][key][...]
+        except Exception as e:  # missing or damaged metadata / chunk: many error types
+            raise DamagedCache(self.path, f"{name}/{key}: unreadable ({first_line(e)})") from None
+
     def read_shard(
         self, shard: int, names: tuple[str, ...] | None = None
     ) -> dict[str, np.ndarray]:
-        """Some or all arrays of one shard, decoded (zarr verifies the crc32c on read)."""
-        group = self.root[SHARDS_GROUP][self.shard_rows[shard]["shard"]]
-        return {name: group[name][...] for name in names or self.array_names}
+        """Some or all arrays of one shard, decoded and, with `check`, compared with the
+        manifest's sha256: a missing chunk (zarr would fill it with zeros) or a damaged one
+        is a DamagedCache error naming the cache, shard and array, never data."""
+        row = self.shard_rows[shard]
+        out = {}
+        for key in names or self.array_names:
+            out[key] = self.decode_array(shard, key)
+            if self.check and array_sha256(out[key]) != row[f"sha256_{key}"]:
+                raise DamagedCache(self.path, f"{row['shard']}/{key}: differs from its sha256 "
+                                   f"in the manifest (a chunk is missing or damaged)")
+        return out
 
     def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """All arrays of one shard; the most recent shard is kept for random access."""
@@ -153,12 +274,20 @@ class Cache:
 
     def column(self, name: str) -> np.ndarray:
         """One array concatenated over every shard (e.g. "uncertainty" for summaries)."""
-        parts = [
-            self.root[SHARDS_GROUP][row["shard"]][name][...] for row in self.shard_rows
-        ]
+        parts = [self.read_shard(i, (name,))[name] for i in range(len(self.shard_rows))]
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def open_cache(path: str | os.PathLike) -> Cache:
-    """Open a cache at a local path or fsspec URL for reading."""
-    return Cache(path)
+def open_cache(path: str | os.PathLike, check: bool = True) -> Cache:
+    """Open a cache at a local path or fsspec URL for reading. With `check` (the default),
+    a damaged manifest, card or completion record is a UserError here, and every shard is
+    checked against the manifest's checksums when it is loaded; check=False skips both
+    (for a cache verified already, or to inspect a damaged one)."""
+    cache = Cache(path, check)
+    if check and cache.problems:
+        raise UserError(
+            f"cache {cache.path}: {cache.problems[0]}: the cache is damaged or incomplete; "
+            f"re-copy it or re-run the dump that wrote it (`atkd-cache verify` lists every "
+            f"problem)"
+        )
+    return cache

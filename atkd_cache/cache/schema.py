@@ -6,6 +6,7 @@ Layout of a cache directory (a Zarr v3 hierarchy plus one Parquet file):
     CACHE/shards/zarr.json       group holding the committed shards
     CACHE/shards/shard-000000/   one Zarr group per shard (arrays below)
     CACHE/manifest.parquet       the committed shards, in order; readers trust only this
+    CACHE/complete.json          written when every planned shard is committed
     CACHE/parts/                 per-writer manifests of a run in progress (cache/writer.py)
     CACHE/.lock*                 flocks held by writers while they run
     CACHE/.tmp/                  shards being written; never read
@@ -34,6 +35,7 @@ FORMAT_VERSION = 2
 MODES = ("topk", "sampled")
 ENCODINGS = ("standard", "packed")
 MANIFEST_FILE = "manifest.parquet"
+COMPLETE_FILE = "complete.json"
 SHARDS_GROUP = "shards"
 TMP_DIR = ".tmp"
 PARTS_DIR = "parts"
@@ -62,7 +64,8 @@ def arrays_for(mode: str) -> tuple[str, ...]:
     return common + MODE_ARRAYS[mode]
 
 # One manifest row per committed shard, in order; sha256_<array> checksums the decoded array
-# (null for arrays the cache's mode does not have; version-1 manifests lack the sample columns).
+# (null for arrays the cache's mode does not have), sha256_meta the shard's metadata files
+# (cache/integrity.py; null in manifests written before it existed).
 MANIFEST_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),
@@ -77,6 +80,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
     ]
     + [(f"sha256_{name}", pa.string()) for name in ALL_ARRAYS]
+    + [("sha256_meta", pa.string())]
 )
 
 
@@ -158,6 +162,13 @@ def round_for_encoding(name: str, values: np.ndarray, encoding: str) -> np.ndarr
     return values
 
 
+# Accepted JSON types of the card's fields, by their annotation (checked when a card is read).
+_FIELD_TYPES = {
+    "str": str, "str | None": (str, type(None)), "int": int, "int | None": (int, type(None)),
+    "float": (int, float), "dict[str, str]": dict, "dict[str, Any]": dict,
+}
+
+
 @dataclass
 class CacheCard:
     """What a cache is: everything needed to trust, reuse and reproduce it.
@@ -199,17 +210,23 @@ class CacheCard:
     encoding: str = "standard"  # "standard" | "packed" (see array_filters)
     # sha256 of what the cache holds (content_fingerprint); "" in caches made before it existed
     fingerprint: str = ""
+    # shards in the dump's plan (0 in caches made before it was recorded): a cache whose
+    # manifest lists fewer is partial
+    planned_shards: int = 0
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    # Fields allowed to differ between a cache and a run that resumes it.
-    VOLATILE = ("created_at",)
+    # Fields allowed to differ between a cache and a run that resumes it (planned_shards
+    # follows from data_fingerprint and shard_positions, which must match; caches made
+    # before it was recorded hold 0).
+    VOLATILE = ("created_at", "planned_shards")
     # Fields that do not change what a cache holds: where the data and teacher were read
     # from (their content is fingerprinted), storage layout, provenance.
     NOT_CONTENT = ("created_at", "fingerprint", "tool_version", "shard_positions",
-                   "data_source", "data_split", "data_limit", "extra", "format_version")
+                   "data_source", "data_split", "data_limit", "extra", "format_version",
+                   "planned_shards")
 
     def content_fingerprint(self) -> str:
         """sha256 over everything that decides the cache's arrays: teacher (weights hash, or
@@ -243,8 +260,18 @@ class CacheCard:
                 f"{where} was written by a newer atkd-cache (format version {version}; this "
                 f"version reads up to {FORMAT_VERSION}): upgrade atkd-cache"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
-        card = cls(**{k: v for k, v in attrs.items() if k in names})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in fields.items():
+            if name not in attrs:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise UserError(f"{where}: the card (zarr.json) lacks the field {name!r}: "
+                                    f"the cache is damaged; re-copy it or dump it again")
+            elif not isinstance(attrs[name], _FIELD_TYPES[f.type]) or (
+                isinstance(attrs[name], bool) and f.type.startswith(("int", "float"))
+            ):
+                raise UserError(f"{where}: the card (zarr.json) has {name} = {attrs[name]!r}, "
+                                f"not of type {f.type}: the cache is damaged")
+        card = cls(**{k: v for k, v in attrs.items() if k in fields})
         if card.mode not in MODES or card.encoding not in ENCODINGS:
             raise UserError(
                 f"{where} has mode {card.mode!r} / encoding {card.encoding!r}, which this "

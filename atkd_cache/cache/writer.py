@@ -24,7 +24,6 @@ either: there, running two writers for the same rank slot is the user's to avoid
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import os
 import shutil
@@ -37,12 +36,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from atkd_cache.cache.integrity import (
+    array_sha256,
+    canonical_json,
+    complete_record,
+    manifest_table,
+    meta_sha256,
+)
 from atkd_cache.cache.reader import read_manifest
 from atkd_cache.cache.schema import (
     CHUNK_ROWS,
+    COMPLETE_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
-    MANIFEST_SCHEMA,
     PARTS_DIR,
     SHARDS_GROUP,
     TMP_DIR,
@@ -54,17 +60,14 @@ from atkd_cache.cache.schema import (
     arrays_for,
     round_for_encoding,
 )
-from atkd_cache.errors import UserError
+from atkd_cache.errors import UserError, first_line
+
+__all__ = ["CacheWriter", "array_sha256", "committed_prefix", "is_remote", "shard_name"]
 
 
 def shard_name(index: int) -> str:
     """Directory name of shard `index`."""
     return f"shard-{index:06d}"
-
-
-def array_sha256(values: np.ndarray) -> str:
-    """Checksum of an array's decoded contents (C order, little-endian as stored)."""
-    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -99,11 +102,11 @@ def _take_flock(path: Path, mode: int, blocking: bool = False) -> int | None:
     return fd
 
 
-def _write_parquet(rows: list[dict], target: Path, tmp_dir: Path) -> None:
-    """Write rows atomically: temp file, fsync, rename over target."""
+def _write_atomic(data: bytes, target: Path, tmp_dir: Path) -> None:
+    """Write a file atomically: temp file, fsync, rename over target."""
     tmp_dir.mkdir(exist_ok=True)
     tmp = tmp_dir / f"{target.name}.{os.getpid()}"
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp)
+    tmp.write_bytes(data)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -195,19 +198,33 @@ class CacheWriter:
             shutil.rmtree(self.root.joinpath(*parts), ignore_errors=True)
 
     def _read_parquet(self, *parts: str) -> list[dict]:
+        where = "/".join(parts)
+        try:
+            if self.remote:
+                with self.fs.open("/".join([self.base, *parts]), "rb") as f:
+                    return pq.read_table(f).to_pylist()
+            return pq.read_table(self.root.joinpath(*parts)).to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise UserError(f"{self.url}: {where} is unreadable ({first_line(e)}): delete it "
+                            f"to re-compute the shards it lists") from None
+
+    def _read_bytes(self, *parts: str) -> bytes:
         if self.remote:
-            with self.fs.open("/".join([self.base, *parts]), "rb") as f:
-                return pq.read_table(f).to_pylist()
-        return pq.read_table(self.root.joinpath(*parts)).to_pylist()
+            return self.fs.cat_file("/".join([self.base, *parts]))
+        return self.root.joinpath(*parts).read_bytes()
+
+    def _put_bytes(self, data: bytes, *parts: str) -> None:
+        """Replace a file atomically (local: temp + fsync + rename; remote: one put)."""
+        if self.remote:
+            self.fs.pipe("/".join([self.base, *parts]), data)
+        else:
+            _write_atomic(data, self.root.joinpath(*parts), self.root / TMP_DIR)
 
     def _put_parquet(self, rows: list[dict], *parts: str) -> None:
-        """Replace a manifest atomically (local: temp + fsync + rename; remote: one put)."""
-        if self.remote:
-            buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buf)
-            self.fs.pipe("/".join([self.base, *parts]), buf.getvalue())
-        else:
-            _write_parquet(rows, self.root.joinpath(*parts), self.root / TMP_DIR)
+        """Replace a manifest atomically, with its digests and page checksums."""
+        buf = io.BytesIO()
+        pq.write_table(manifest_table(rows, self.card_attrs), buf, write_page_checksum=True)
+        self._put_bytes(buf.getvalue(), *parts)
 
     def _bytes(self, *parts: str) -> int:
         if self.remote:
@@ -253,7 +270,7 @@ class CacheWriter:
 
     def _open_locked(self) -> None:
         if self._exists("zarr.json"):
-            attrs = dict(zarr.open_group(self._url(), mode="r").attrs)
+            attrs = self._stored_card()
             existing = CacheCard.from_attrs(attrs, where=self.url)
             diff = existing.first_difference(self.card)
             if diff is not None:
@@ -265,10 +282,25 @@ class CacheWriter:
             self.card = existing  # keep the original creation time
         else:
             self._create_root()
+        self.card_attrs = self._stored_card()  # what the manifests' card digest is taken of
         mine = self._exists(PARTS_DIR, self.part_name)
         self._mine = self._read_parquet(PARTS_DIR, self.part_name) if mine else []
         self.committed = self._all_rows()
         self._remove_leftovers()
+        if not mine and not self._exists(COMPLETE_FILE):
+            # An (empty) part manifest from the start: it tells readers that a dump is in
+            # progress or was interrupted, until the last writer marks the cache complete.
+            if not self.remote:
+                (self.root / PARTS_DIR).mkdir(exist_ok=True)
+            self._put_parquet([], PARTS_DIR, self.part_name)
+
+    def _stored_card(self) -> dict:
+        """The card as stored in the root zarr.json."""
+        try:
+            return dict(zarr.open_group(self._url(), mode="r").attrs)
+        except Exception as e:  # a damaged zarr.json fails in many ways
+            raise UserError(f"{self.url}: its card (zarr.json) is unreadable ({first_line(e)}): "
+                            f"the cache is damaged; use a new output folder") from None
 
     def _all_rows(self) -> list[dict]:
         """Rows committed by any writer: the manifest and every part manifest, by index."""
@@ -399,6 +431,12 @@ class CacheWriter:
             )
             arr[...] = values
             sums[f"sha256_{key}"] = array_sha256(values)
+        names = arrays_for(self.card.mode)
+        if self.remote:
+            sums["sha256_meta"] = meta_sha256(
+                lambda rel: self._read_bytes(SHARDS_GROUP, name, *rel.split("/")), names)
+        else:
+            sums["sha256_meta"] = meta_sha256(lambda rel: (tmp / rel).read_bytes(), names)
         if not self.remote:
             _fsync_tree(tmp)
             final = self.root / SHARDS_GROUP / name
@@ -437,9 +475,14 @@ class CacheWriter:
         """After this writer's last shard: True if all `num_shards` shards are committed and
         listed in manifest.parquet (the per-writer part manifests are then removed)."""
         self._publish()
-        if len(committed_prefix(self.committed)) < num_shards:
+        prefix = committed_prefix(self.committed)
+        if len(prefix) < num_shards:
             return False
         with self._merge_lock():
+            # complete.json first, then parts/ goes: a kill in between leaves a complete
+            # cache with a leftover folder, never a finished one that looks unfinished.
+            record = canonical_json(complete_record(prefix[:num_shards]))
+            self._put_bytes(record, COMPLETE_FILE)
             self._rm(PARTS_DIR)
         return True
 

@@ -27,7 +27,7 @@ from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_device
-from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader
+from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader, raise_on_error
 from atkd_cache.train.student import RowLogits, check_ids
 from atkd_cache.train.trainer import forward_rows, sparse_teacher
 
@@ -107,7 +107,7 @@ def cache_metrics(
     student, teacher = _Tally.empty(), _Tally.empty()
     kl_sum, tokens, sequences = 0.0, 0, 0
     dev = torch.device(device)
-    for batch in make_loader(dataset):
+    for batch in raise_on_error(make_loader(dataset)):
         if limit is not None and sequences >= limit:
             break
         check_ids(int(batch["max_id"]), width, name)
@@ -130,7 +130,7 @@ def cache_metrics(
     out_student = {**student.summary(), "kl_to_teacher": kl_sum / tokens}
     out_teacher = {**teacher.summary(), "kl_to_teacher": 0.0}
     return {"tokens": tokens, "sequences": sequences, "student": out_student,
-            "teacher": out_teacher}
+            "teacher": out_teacher, "cache_status": dataset.cache.status_line()}
 
 
 @torch.no_grad()
@@ -197,6 +197,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         m = cache_metrics(model, cfg.cache, cfg.device, cfg.batch_tokens, cfg.limit, cfg.model)
         result["cache"] = cfg.cache
         result["tokens"] = m["tokens"]
+        result["cache_status"] = m.get("cache_status", "")
         result["student"].update(m.get("student", {}))
         result["teacher"].update(m.get("teacher", {}))
     if cfg.data is not None:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from atkd_cache.cache.reader import Cache, CachedSequence, open_cache
+from atkd_cache.errors import UserError
 
 # (shard index, sequence index inside the shard, number of tokens)
 SeqRef = tuple[int, int, int]
@@ -49,6 +50,8 @@ class LoaderConfig:
     prefetch: int = 2  # micro-batches per worker
     read_ahead: int = 1  # shards decoded ahead per worker, on a thread (remote caches)
     seed: int = 0
+    # compare every shard with the manifest's sha256s as it is loaded (cache/reader.py)
+    verify_reads: bool = True
 
     def check(self) -> None:
         """Raise ValueError on a setting that cannot work."""
@@ -80,7 +83,7 @@ class Cursor:
 
 def loader_settings(cfg: LoaderConfig) -> dict:
     """The settings that decide the data order (replay needs them unchanged)."""
-    ignored = ("num_workers", "prefetch", "read_ahead")
+    ignored = ("num_workers", "prefetch", "read_ahead", "verify_reads")
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
 
 
@@ -315,7 +318,7 @@ class CacheDataset(IterableDataset):
     def cache(self) -> Cache:
         """The opened cache (opened on first use, in whichever process uses it)."""
         if self._cache is None:
-            self._cache = open_cache(self.path)
+            self._cache = open_cache(self.path, check=self.cfg.verify_reads)
         return self._cache
 
     def __getstate__(self):  # never ship an opened store to a worker process
@@ -384,6 +387,15 @@ class CacheDataset(IterableDataset):
         return None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches of this slot; a damaged shard ends the stream with {"error": line}
+        (an exception raised in a DataLoader worker would reach the trainer as a traceback
+        dump, and under DDP the other ranks must be told too: see `raise_on_error`)."""
+        try:
+            yield from self._batches()
+        except UserError as e:
+            yield {"error": str(e)}
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = self.rank * self.workers + (worker + self._rotation()) % self.workers
@@ -410,6 +422,14 @@ class CacheDataset(IterableDataset):
                         loaded.pop(shard, None)
         finally:
             reader.close()
+
+
+def raise_on_error(batches) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of a loader, raising the UserError a worker reported in their place."""
+    for batch in batches:
+        if "error" in batch:
+            raise UserError(batch["error"])
+        yield batch
 
 
 def plan_sizes(dataset: CacheDataset) -> list[int]:

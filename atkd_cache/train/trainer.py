@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from atkd_cache import __version__
-from atkd_cache.cache.reader import open_cache
+from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
@@ -83,6 +83,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     trust_remote_code: bool = False
+    allow_partial: bool = False  # train on the committed shards of an unfinished dump
 
     def check(self) -> None:
         """Raise UserError on settings that cannot work."""
@@ -396,10 +397,27 @@ def train(cfg: TrainConfig, log=print) -> dict:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: Dist, log) -> dict:
-    cache = open_cache(cfg.cache)
+def open_training_cache(cfg: TrainConfig, log) -> Cache:
+    """The cache to train on, refusing an unfinished dump unless allow_partial (training on a
+    prefix of the data by accident would change the experiment without a word)."""
+    cache = open_cache(cfg.cache, check=cfg.loader.verify_reads)
+    if cache.status == "partial":
+        if not cfg.allow_partial:
+            raise UserError(
+                f"{cfg.cache} is {cache.status_line()}: let the dump finish (re-run the same "
+                f"dump-teacher command), or pass --allow-partial to train on what is committed"
+            )
+        log(f"warning: {cfg.cache} is {cache.status_line()}; training on those (--allow-partial)")
+    elif cache.status == "legacy":
+        log(f"warning: {cfg.cache} was written before atkd-cache recorded completion: it "
+            f"cannot tell whether its dump finished")
     if len(cache) == 0:
         raise UserError(f"{cfg.cache} has no committed sequences")
+    return cache
+
+
+def _train(cfg: TrainConfig, d: Dist, log) -> dict:
+    cache = open_training_cache(cfg, log)
     if cache.card.mode == "sampled":
         try:
             cfg.loss.check_sampled()
@@ -482,13 +500,19 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
         left_over = 0
         while step < total:
             micro = list(itertools.islice(batches, cfg.grad_accum))
+            damaged = next((b["error"] for b in micro if "error" in b), None)
+            micro = [b for b in micro if "error" not in b]
             n_local = [int(b["rows"].numel()) for b in micro]
             max_id = max((int(b["max_id"]) for b in micro), default=0)
-            have, n_total, padded, real, bad = d.sum([
+            have, n_total, padded, real, bad, broken = d.sum([
                 float(len(micro) > 0), float(sum(n_local)),
                 float(sum(b["input_ids"].numel() for b in micro)),
                 float(sum(int(b["real_tokens"]) for b in micro)), float(max_id >= width),
+                float(damaged is not None),
             ]).tolist()
+            if broken:  # a damaged shard: every rank stops before a step uses any of it
+                raise UserError(damaged or "another rank found a damaged cache shard (see its "
+                                "message)")
             if bad:  # every rank stops, not only the one that saw the id
                 check_ids(max_id, width, cfg.student)
                 raise UserError(f"another rank found a token id outside the student's {width} "
