@@ -13,6 +13,7 @@ Order is the dataset's order; `seq_id` is the example's row index in the loaded 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -113,7 +114,13 @@ def load_rows(spec: DataSpec):
                     f"cannot read {src}: use a .json, .jsonl, .parquet, .csv or .txt file, "
                     f"a save_to_disk folder, or a hub dataset name"
                 )
-            ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=src, split="train")
+            _check_not_empty(src)
+            try:
+                ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=src, split="train")
+            except Exception:
+                if FILE_BUILDERS[ext] == "json":  # datasets does not say which line is bad
+                    _raise_bad_json_line(src)
+                raise
         elif os.path.splitext(src)[1].lower() in FILE_BUILDERS or src.startswith((".", "/", "~")):
             raise UserError(f"data file {src} does not exist")
         else:
@@ -145,32 +152,80 @@ def load_rows(spec: DataSpec):
     return ds
 
 
+def _check_not_empty(path: str) -> None:
+    with open(path, "rb") as f:
+        if not f.read(1 << 16).strip():
+            raise UserError(f"data file {path} is empty: give a file with examples")
+
+
+def _raise_bad_json_line(path: str) -> None:
+    """Name the first line of a JSON Lines file that is not a JSON object (if any)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return  # one JSON document: datasets failed for another reason
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno}): "
+                            f"fix or remove that line") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path} line {number}: a JSON {type(value).__name__}, not an "
+                            f"object with fields: every line must be one example") from None
+
+
+def _text_field(row: dict, name: str, seq_id: int, spec: DataSpec) -> str:
+    """A text field of a row; anything but a string is a clear error naming row and type."""
+    value = row[name]
+    if not isinstance(value, str):
+        raise UserError(
+            f"{spec.source}: row {seq_id} (counting from 0) has field {name!r} = "
+            f"{str(value)[:40]!r} of type {type(value).__name__}, not a string: fix or drop it"
+        )
+    return value
+
+
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def _text_example(tokenizer, row: dict, spec: DataSpec) -> tuple[list[int], list[bool]]:
-    ids = _encode(tokenizer, str(row[spec.text_field]), special=True)
+def _text_example(
+    tokenizer, row: dict, spec: DataSpec, seq_id: int
+) -> tuple[list[int], list[bool]]:
+    ids = _encode(tokenizer, _text_field(row, spec.text_field, seq_id, spec), special=True)
     return ids, [True] * len(ids)
 
 
-def _prompt_response_example(tokenizer, row: dict, spec: DataSpec) -> tuple[list[int], list[bool]]:
+def _prompt_response_example(
+    tokenizer, row: dict, spec: DataSpec, seq_id: int
+) -> tuple[list[int], list[bool]]:
     template = spec.template or DEFAULT_TEMPLATE
-    prompt = template.format(prompt=row[spec.prompt_field])
+    prompt = template.format(prompt=_text_field(row, spec.prompt_field, seq_id, spec))
     p = _encode(tokenizer, prompt, special=True)
-    r = _encode(tokenizer, str(row[spec.response_field]), special=False)
+    r = _encode(tokenizer, _text_field(row, spec.response_field, seq_id, spec), special=False)
     if tokenizer.eos_token_id is not None:
         r = r + [tokenizer.eos_token_id]
     return p + r, [False] * len(p) + [True] * len(r)
 
 
-def _chat_example(tokenizer, row: dict, spec: DataSpec) -> tuple[list[int], list[bool]]:
+def _chat_example(
+    tokenizer, row: dict, spec: DataSpec, seq_id: int
+) -> tuple[list[int], list[bool]]:
     messages = row[spec.messages_field]
     if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in messages
     ):
         raise UserError(
-            f"field {spec.messages_field!r} must hold a list of {{role, content}} messages"
+            f"{spec.source}: row {seq_id} (counting from 0): field {spec.messages_field!r} must "
+            f"hold a list of {{role, content}} messages with string values, got "
+            f"{str(messages)[:60]!r}"
         )
     render = tokenizer.apply_chat_template
     full = render(messages, tokenize=False)
@@ -239,7 +294,7 @@ def tokenize_rows(rows, tokenizer, spec: DataSpec) -> tuple[list[TokenizedSequen
     out: list[TokenizedSequence] = []
     for seq_id, row in enumerate(rows):
         stats.examples += 1
-        ids, token_mask = build(tokenizer, row, spec)
+        ids, token_mask = build(tokenizer, row, spec, seq_id)
         if spec.max_length is not None and len(ids) > spec.max_length:
             ids, token_mask = ids[: spec.max_length], token_mask[: spec.max_length]
             stats.truncated += 1

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from atkd_cache import __version__
 from atkd_cache.cache.schema import ENCODINGS, MAX_SAMPLES, MODES, CacheCard, SequenceRecord
-from atkd_cache.cache.writer import CacheWriter, committed_prefix, is_remote
+from atkd_cache.cache.writer import CacheWriter, committed_prefix
 from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint, tokenizer_vocab_size, weights_hash
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_dtype
+from atkd_cache.paths import check_output_folder
 from atkd_cache.split import hard_labels_np
 
 LABEL_RULE = "per-sequence: hard = UNC >= sorted_UNC[floor((n-1)(1-hard_ratio))]"
@@ -260,17 +261,6 @@ def resolve_rank(cfg: DumpConfig) -> tuple[int, int, int]:
     return rank, world, local
 
 
-def check_output(path: str) -> None:
-    """Fail fast (before loading anything) when the output folder cannot be created."""
-    if is_remote(path):
-        return  # checked when the writer opens it
-    probe = os.path.abspath(path.removeprefix("file://"))
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write the cache at {path}: {probe} is not a writable folder")
-
-
 def hf_window_outputs(
     model, seqs: list[TokenizedSequence], cfg: DumpConfig, pad_id: int, on_batch=None
 ) -> list[dict]:
@@ -337,7 +327,7 @@ def load_teacher(cfg: DumpConfig, pad_id: int):
 def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     """Run the teacher over the data into the cache at cfg.output (resuming if it exists)."""
     validate(cfg)
-    check_output(cfg.output)
+    check_output_folder(cfg.output, "the cache at")
     rank, world, local_rank = resolve_rank(cfg)
     if cfg.device == "cuda" and world > 1:
         cfg = replace(cfg, device=f"cuda:{local_rank}")

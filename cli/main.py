@@ -296,6 +296,9 @@ def evaluate_cmd(**kw) -> None:
 
     runs, plot_output = kw.pop("plot_runs"), kw.pop("plot_output")
     if runs:
+        from atkd_cache.paths import check_output_file
+
+        check_output_file(plot_output, "--plot-output file")
         click.echo(f"plot: {plot_runs(list(runs), plot_output)}")
     if kw["model"] is None:
         if not runs:
@@ -303,6 +306,11 @@ def evaluate_cmd(**kw) -> None:
         return
     if kw["cache"] is None and kw["source"] is None:
         raise UserError("give --cache (held-out cache) and/or --data (replies to score)")
+    from atkd_cache.paths import check_output_file
+
+    for flag, path in (("--json", kw["json_out"]), ("--samples", kw["samples"])):
+        if path:
+            check_output_file(path, f"{flag} file")
     source = kw.pop("source")
     spec = None
     if source is not None:

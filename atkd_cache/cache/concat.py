@@ -26,6 +26,7 @@ from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.schema import COMPLETE_FILE, MANIFEST_FILE, SHARDS_GROUP, CacheCard
 from atkd_cache.cache.writer import shard_name
 from atkd_cache.errors import UserError
+from atkd_cache.paths import check_output_folder
 
 # Card fields that may differ between the parts: what data they were made from.
 PART_FIELDS = ("data_source", "data_split", "data_limit", "data_fingerprint", "created_at",
@@ -80,6 +81,7 @@ def concat_caches(inputs: list[str], output: str) -> Cache:
     """Join complete local caches, in the order given, into a new cache at `output`."""
     if len(inputs) < 2:
         raise UserError("concat needs at least two caches")
+    check_output_folder(output, "the joined cache at")
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{output} exists and is not empty: choose a new output folder")

@@ -72,7 +72,9 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
     where = _join(base, MANIFEST_FILE)
     try:
         with fs.open(where, "rb") as f:
-            return pq.read_table(f, page_checksum_verification=True)
+            table = pq.read_table(f, page_checksum_verification=True)
+        table.column_names, table.to_pylist()  # a damaged file can fail only when decoded
+        return table
     except FileNotFoundError:
         return MANIFEST_SCHEMA.empty_table()
     except (pa.ArrowException, OSError, ValueError) as e:

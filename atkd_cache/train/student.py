@@ -14,6 +14,7 @@ from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint
 from atkd_cache.models import load_causal_lm, load_tokenizer
+from atkd_cache.paths import check_output_folder
 
 
 def check_compatible(card: CacheCard, tokenizer, width: int, student: str) -> None:
@@ -83,6 +84,7 @@ def init_student(
 
     if os.path.exists(output):
         raise UserError(f"{output} already exists: choose a new --output folder")
+    check_output_folder(output, "the student at")
     model = load_causal_lm(teacher, dtype="fp32", trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
     prefix, blocks = _decoder_layers(model)

@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from atkd_cache import __version__
 from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.schema import CacheCard
-from atkd_cache.errors import UserError
+from atkd_cache.errors import UserError, first_line
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
+from atkd_cache.paths import check_output_folder
 from atkd_cache.train import checkpoint, fsdp
 from atkd_cache.train.loader import (
     CacheDataset,
@@ -317,6 +318,7 @@ def check_same_cache(cfg: TrainConfig, fingerprint: str) -> None:
 def _prepare_output(cfg: TrainConfig, d: Dist) -> str | None:
     """Validate the run folder; returns the checkpoint to resume from (or None)."""
     run_json = os.path.join(cfg.output, "run.json")
+    check_output_folder(cfg.output, "the run folder")
     if cfg.resume:
         ckpt = checkpoint.latest_checkpoint(cfg.output)
         if ckpt is None:
@@ -416,6 +418,23 @@ def open_training_cache(cfg: TrainConfig, log) -> Cache:
     return cache
 
 
+def _restore(cfg: TrainConfig, d: Dist, path: str, model, optimizer) -> tuple[int, int, Cursor]:
+    """Load a checkpoint into the model and optimizer: (step, tokens seen, data cursor).
+    A damaged checkpoint is one line (checkpoints are committed whole, so damage means the
+    disk or a copy failed, not an interrupted save)."""
+    try:
+        state = checkpoint.read_state(path)
+        checkpoint.load_into(path, state, model, optimizer, d.rank, is_sharded(cfg, d))
+        return state["step"], state["tokens_seen"], checkpoint.read_cursor(path, state)
+    except UserError:
+        raise
+    except Exception as e:  # safetensors, JSON and shape errors come in many types
+        raise UserError(
+            f"--resume: checkpoint {path} is damaged ({first_line(e)}): delete it to resume "
+            f"from the one before, or start a new run"
+        ) from None
+
+
 def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     cache = open_training_cache(cfg, log)
     if cache.card.mode == "sampled":
@@ -454,12 +473,8 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
 
     step, tokens_seen, cursor = 0, 0, None
     if resume_from is not None:
-        state = checkpoint.read_state(resume_from)
-        checkpoint.load_into(resume_from, state, model, optimizer, d.rank, is_sharded(cfg, d))
-        cursor = checkpoint.read_cursor(resume_from, state)
-        step, tokens_seen = state["step"], state["tokens_seen"]
+        step, tokens_seen, cursor = _restore(cfg, d, resume_from, model, optimizer)
         log(f"resuming from {resume_from} (step {step}, epoch {cursor.epoch})")
-    if resume_from is not None:
         check_same_cache(cfg, cache.card.identity)
     if d.rank == 0:
         doc = {"config": cfg.to_json(), "world_size": d.world, "tool_version": __version__,
