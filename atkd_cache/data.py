@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -115,12 +116,17 @@ def load_rows(spec: DataSpec):
                     f"a save_to_disk folder, or a hub dataset name"
                 )
             _check_not_empty(src)
+            quiet = logging.getLogger("datasets")  # it logs the failure as a second line
+            level = quiet.level
+            quiet.setLevel(logging.CRITICAL)
             try:
                 ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=src, split="train")
             except Exception:
                 if FILE_BUILDERS[ext] == "json":  # datasets does not say which line is bad
                     _raise_bad_json_line(src)
                 raise
+            finally:
+                quiet.setLevel(level)
         elif os.path.splitext(src)[1].lower() in FILE_BUILDERS or src.startswith((".", "/", "~")):
             raise UserError(f"data file {src} does not exist")
         else:

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from assets import chitchat_texts, smollm2_folder  # noqa: E402
 
 from atkd_cache.cache import CacheWriter, open_cache  # noqa: E402
+from atkd_cache.cache.integrity import array_sha256  # noqa: E402
 from atkd_cache.data import DataSpec  # noqa: E402
 from atkd_cache.dump import DumpConfig, dump_teacher  # noqa: E402
 from atkd_cache.losses.kd import LossConfig  # noqa: E402
@@ -140,9 +141,10 @@ def replicated(cache: str, copies: int, out: str) -> str:
     return out
 
 
-def loader_throughput(cache: str, batch_tokens: int) -> dict:
+def loader_throughput(cache: str, batch_tokens: int, verify_reads: bool = True) -> dict:
     """Supervised tokens/s one DataLoader worker delivers over one epoch (start-up included)."""
-    ds = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, num_workers=1))
+    ds = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, num_workers=1,
+                                          verify_reads=verify_reads))
     tokens, batches = 0, 0
     t0 = time.perf_counter()
     for b in make_loader(ds):
@@ -152,6 +154,28 @@ def loader_throughput(cache: str, batch_tokens: int) -> dict:
     return {"tokens_per_s": tokens / elapsed, "batches": batches, "tokens": tokens}
 
 
+def checksum_cost(cache: str, batch_tokens: int, repeats: int = 3) -> None:
+    """What checking every shard against the manifest's sha256 costs the loader: epochs with
+    checks on and off, interleaved; and per shard, hashing vs decoding time."""
+    runs = {True: [], False: []}
+    for _ in range(repeats):
+        for on in (True, False):
+            runs[on].append(loader_throughput(cache, batch_tokens, on)["tokens_per_s"])
+    on, off = statistics.median(runs[True]), statistics.median(runs[False])
+    src = open_cache(cache, check=False)
+    decode = hashing = 0.0
+    for i in range(len(src.shard_rows)):
+        t0 = time.perf_counter()
+        arrays = src.read_shard(i)
+        t1 = time.perf_counter()
+        for values in arrays.values():
+            array_sha256(values)
+        decode, hashing = decode + t1 - t0, hashing + time.perf_counter() - t1
+    print(f"loader with checksums {on:.0f} tokens/s, without {off:.0f} (median of {repeats} "
+          f"interleaved epochs): {on / off:.3f}x; per shard, sha256 takes "
+          f"{hashing / decode * 100:.1f} % of the decode time")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8000)
@@ -159,7 +183,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", default="runs/bench")
     ap.add_argument("--variant", choices=VARIANTS, default=None)
+    ap.add_argument("--loader-only", action="store_true",
+                    help="Only the loader: checksum cost and throughput.")
     args = ap.parse_args()
+    if args.loader_only:
+        _, cache, _ = prepare(args)
+        big = replicated(cache, 40, cache + "-x40")
+        checksum_cost(big, args.batch_tokens)
+        return
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
@@ -181,6 +212,7 @@ def main() -> None:
     print(f"cached ATKD vs online KD: {atkd['step_s'] / online['step_s']:.2f}x time, "
           f"{online['peak_rss_mb'] - atkd['peak_rss_mb']:.0f} MB less peak memory")
     big = replicated(cache, 40, cache + "-x40")
+    checksum_cost(big, args.batch_tokens)
     load = loader_throughput(big, args.batch_tokens)
     consume = atkd["tokens_per_step"] / atkd["step_s"]
     print(f"loader (1 worker, {load['tokens']} tokens in {load['batches']} batches): "

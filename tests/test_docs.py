@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from atkd_cache.cache import open_cache
 from conftest import dump
@@ -12,13 +13,32 @@ from conftest import dump
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cache-format.md"
 
 
-def run_example(cache, mode: str) -> dict:
-    """Run the doc's common reading block, then the block of this mode, on a cache."""
+def blocks() -> list[str]:
+    """The python blocks of the reading section: common, top-k, sampled, checking."""
     section = DOC.read_text().split("## Reading a cache", 1)[1]
-    common, topk, sampled = re.findall(r"```python\n(.*?)```", section, re.S)[:3]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[:4]
+
+
+def run_example(cache, mode: str, check: bool = True) -> dict:
+    """Run the doc's common reading block, the block of this mode, and the checking block."""
+    common, topk, sampled, checking = blocks()
     scope = {"CACHE": str(cache)}
-    exec(compile(common + (topk if mode == "topk" else sampled), str(DOC), "exec"), scope)
+    code = common + (topk if mode == "topk" else sampled) + (checking if check else "")
+    exec(compile(code, str(DOC), "exec"), scope)
     return scope
+
+
+def test_doc_reader_refuses_a_missing_chunk_and_a_changed_card(assets, tmp_path):
+    dump(assets, tmp_path / "c", limit=4)
+    common, _, _, checking = blocks()
+    (tmp_path / "c" / "shards" / "shard-000000" / "topk_logprobs" / "c" / "0" / "0").unlink()
+    with pytest.raises(ValueError, match="shard-000000/topk_logprobs: a chunk is missing"):
+        exec(compile(common, str(DOC), "exec"), {"CACHE": str(tmp_path / "c")})
+    dump(assets, tmp_path / "d", limit=4)
+    card = tmp_path / "d" / "zarr.json"
+    card.write_text(card.read_text().replace('"data_split": "train"', '"data_split": "tr4in"'))
+    with pytest.raises(AssertionError, match="card damaged"):
+        exec(compile(common + checking, str(DOC), "exec"), {"CACHE": str(tmp_path / "d")})
 
 
 def test_third_party_reading_example(assets, tmp_path):

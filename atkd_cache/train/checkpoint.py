@@ -7,13 +7,15 @@
         cursor.safetensors       bit-packed consumed-sequence masks of the loader cursor
         rng-rank<r>.safetensors  torch (and CUDA) generator states of rank r
         state.json               step, tokens, optimizer hyper-parameters, cursor, Python and
-                                 NumPy generator states per rank, the run's config
+                                 NumPy generator states per rank, the run's config, and the
+                                 sha256 of every other file (checked on --resume)
 
 A folder without the `.tmp` suffix is complete: the rename is the commit. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from atkd_cache.errors import UserError
 from atkd_cache.train.loader import Cursor
 
 CHECKPOINTS = "checkpoints"
@@ -176,9 +179,41 @@ def write_main(
             "has_base": cursor.base_consumed is not None,
         },
         "rng": rng_by_rank,
+        "sha256": file_digests(tmp),
     }
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(doc, f, indent=1)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: str) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder but state.json (which records them)."""
+    return {name: _sha256_file(os.path.join(folder, name))
+            for name in sorted(os.listdir(folder)) if name != "state.json"}
+
+
+def check_files(path: str, state: dict) -> None:
+    """Raise UserError when a checkpoint's files differ from the digests it recorded (a
+    damaged disk or copy; checkpoints written before digests existed are not checked)."""
+    recorded = state.get("sha256")
+    if recorded is None:
+        return
+    for name, expected in recorded.items():
+        where = os.path.join(path, name)
+        if not os.path.exists(where):
+            raise UserError(f"--resume: checkpoint {path} lacks {name}: delete the checkpoint "
+                            f"to resume from the one before, or start a new run")
+        if _sha256_file(where) != expected:
+            raise UserError(f"--resume: checkpoint {path}: {name} differs from its sha256 "
+                            f"(damaged): delete the checkpoint to resume from the one before, "
+                            f"or start a new run")
 
 
 def read_state(path: str) -> dict:

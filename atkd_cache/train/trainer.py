@@ -424,6 +424,7 @@ def _restore(cfg: TrainConfig, d: Dist, path: str, model, optimizer) -> tuple[in
     disk or a copy failed, not an interrupted save)."""
     try:
         state = checkpoint.read_state(path)
+        checkpoint.check_files(path, state)
         checkpoint.load_into(path, state, model, optimizer, d.rank, is_sharded(cfg, d))
         return state["step"], state["tokens_seen"], checkpoint.read_cursor(path, state)
     except UserError:
