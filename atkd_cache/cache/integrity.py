@@ -89,13 +89,18 @@ def manifest_digests(table: pa.Table) -> dict | None:
     return meta if isinstance(meta, dict) else {}
 
 
+def missing_columns(table: pa.Table, array_names: tuple[str, ...]) -> list[str]:
+    """Columns a manifest must have (for a cache with these arrays) but does not."""
+    needed = [f.name for f in MANIFEST_SCHEMA if not f.name.startswith("sha256_")]
+    needed += [f"sha256_{name}" for name in array_names]
+    return [name for name in needed if name not in table.column_names]
+
+
 def manifest_problems(
     table: pa.Table, card_attrs: dict, array_names: tuple[str, ...], expect_digests: bool
 ) -> list[str]:
     """What is wrong with a manifest read from disk: columns, its own digest, the card's."""
-    needed = [f.name for f in MANIFEST_SCHEMA if not f.name.startswith("sha256_")]
-    needed += [f"sha256_{name}" for name in array_names]
-    missing = [name for name in needed if name not in table.column_names]
+    missing = missing_columns(table, array_names)
     if missing:
         return [f"manifest.parquet lacks column(s) {', '.join(missing)}"]
     meta = manifest_digests(table)

@@ -29,6 +29,7 @@ from atkd_cache.cache.integrity import (
     array_sha256,
     complete_problems,
     manifest_problems,
+    missing_columns,
     normalized_rows,
 )
 from atkd_cache.cache.schema import (
@@ -114,7 +115,8 @@ class Cache:
         new_style = self.card.planned_shards > 0  # written with checksums and a plan
         self.problems = manifest_problems(table, self.attrs, self.array_names, new_style) \
             if has_manifest else []
-        rows = normalized_rows(table) if not self.problems else []
+        usable = has_manifest and not missing_columns(table, self.array_names)
+        rows = normalized_rows(table) if usable else []
         self.status = self._completion(rows, has_manifest)
         self.manifest = table
         self.shard_rows = rows
