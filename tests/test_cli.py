@@ -156,8 +156,7 @@ def test_bad_inputs_give_one_clear_line(assets, tmp_path):
 def test_empty_dataset_message(assets, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    r = one_line_error(dump_args(assets, str(empty), tmp_path / "c"), "")
-    assert "no examples" in r.output or "cannot load dataset" in r.output
+    one_line_error(dump_args(assets, str(empty), tmp_path / "c"), "empty.jsonl is empty")
 
 
 def test_newer_format_version_is_refused(assets, tmp_path):
