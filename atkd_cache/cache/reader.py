@@ -163,19 +163,19 @@ class Cache:
                 self.problems.append(f"the manifest lists {len(rows)} shards but the card "
                                      f"planned {planned}")
             return "complete"
+        if self.in_progress():
+            return "partial" if planned else "legacy"
+        folders = [] if has_manifest else self.shard_folders()
+        if folders:  # shards without a manifest never make a finished cache, legacy or not
+            self.problems.append(f"{MANIFEST_FILE} is missing but shards/ holds {len(folders)} "
+                                 f"shard folder(s)")
         if not planned:
             return "legacy"
-        if self.in_progress():
-            return "partial"
-        folders = self.shard_folders()
         if len(rows) == planned:
             self.problems.append(f"{COMPLETE_FILE} is missing though the manifest lists every "
                                  f"planned shard")
-        elif not has_manifest and folders:
-            self.problems.append(f"{MANIFEST_FILE} is missing but shards/ holds {len(folders)} "
-                                 f"shard folder(s)")
         elif rows:
-            self.problems.append(f"the manifest lists {len(rows)} of {planned} planned shards "
+            self.problems.append(f"the manifest lists {len(rows)} shards of {planned} planned "
                                  f"and no dump is in progress (parts/ is gone): it lost rows")
         return "partial"
 

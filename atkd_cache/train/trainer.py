@@ -436,8 +436,8 @@ def _restore(cfg: TrainConfig, d: Dist, path: str, model, optimizer) -> tuple[in
         ) from None
 
 
-def _train(cfg: TrainConfig, d: Dist, log) -> dict:
-    cache = open_training_cache(cfg, log)
+def _check_run_fits(cfg: TrainConfig, d: Dist, cache: Cache) -> None:
+    """The loss suits the cache's mode and there is a shard for every loader slot."""
     if cache.card.mode == "sampled":
         try:
             cfg.loss.check_sampled()
@@ -449,11 +449,10 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
             f"{cfg.cache} has {len(cache.shard_rows)} shards for {slots} loader slots (ranks x "
             "workers): lower --num-workers, or re-dump with a smaller --shard-positions"
         )
-    resume_from = _prepare_output(cfg, d)
-    torch.manual_seed(cfg.seed * 1000 + d.rank)
-    random.seed(cfg.seed * 1000 + d.rank)
-    np.random.seed(cfg.seed * 1000 + d.rank)
 
+
+def _build_student(cfg: TrainConfig, d: Dist, cache: Cache):
+    """(tokenizer, model, the wrapped net a step calls, optimizer, logits width)."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
     model = load_causal_lm(cfg.student, dtype="fp32", device=str(d.device),
                            trust_remote_code=cfg.trust_remote_code)
@@ -471,12 +470,10 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
         )
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas)
+    return tokenizer, model, net, optimizer, width
 
-    step, tokens_seen, cursor = 0, 0, None
-    if resume_from is not None:
-        step, tokens_seen, cursor = _restore(cfg, d, resume_from, model, optimizer)
-        log(f"resuming from {resume_from} (step {step}, epoch {cursor.epoch})")
-        check_same_cache(cfg, cache.card.identity)
+
+def _write_run_json(cfg: TrainConfig, d: Dist, cache: Cache, resume_from, width: int) -> None:
     if d.rank == 0:
         doc = {"config": cfg.to_json(), "world_size": d.world, "tool_version": __version__,
                "cache_fingerprint": cache.card.identity, "cache_card": cache.card.to_attrs(),
@@ -484,16 +481,59 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
         with open(os.path.join(cfg.output, "run.json"), "w") as f:
             json.dump(doc, f, indent=1)
 
-    dataset = CacheDataset(cfg.cache, cfg.loader, d.rank, d.world, resume=cursor)
-    epoch = cursor.epoch if cursor else 0
+
+def _planned_total(cfg: TrainConfig, dataset: CacheDataset, step: int, epoch: int) -> int:
+    """The run's last step: --max-steps, or the end of --epochs if that comes first (plans
+    are cheap: offsets only, no teacher arrays)."""
     total = cfg.max_steps if cfg.max_steps is not None else math.inf
-    if cfg.epochs is not None:  # plans are cheap: offsets only, no teacher arrays
+    if cfg.epochs is not None:
         planned = step
         for e in range(epoch, cfg.epochs):
             dataset.set_epoch(e)
             planned += _steps_in_epoch(dataset, cfg.grad_accum)
         total = min(total, planned)
-    total = int(total)
+    return int(total)
+
+
+def _finish(cfg: TrainConfig, d: Dist, model, tokenizer, cache: Cache, summary: dict) -> dict:
+    """Digest the weights on every rank, save the student and summary.json (rank 0)."""
+    weights = fsdp.full_model_state(model) if is_sharded(cfg, d) else None
+    digest = weights_sha256(model) if weights is None else _state_sha256(weights, d)
+    digests = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(digests, digest)
+    else:
+        digests = [digest]
+    summary = {**summary, "cache_fingerprint": cache.card.identity, "world_size": d.world,
+               "weights_sha256": digests, "ranks_agree": len(set(digests)) == 1}
+    if d.rank == 0:
+        _save_student(model, tokenizer, os.path.join(cfg.output, "model"), weights)
+        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    d.barrier()
+    return summary
+
+
+def _train(cfg: TrainConfig, d: Dist, log) -> dict:
+    cache = open_training_cache(cfg, log)
+    _check_run_fits(cfg, d, cache)
+    slots = slot_count(d.world, cfg.loader.num_workers)
+    resume_from = _prepare_output(cfg, d)
+    torch.manual_seed(cfg.seed * 1000 + d.rank)
+    random.seed(cfg.seed * 1000 + d.rank)
+    np.random.seed(cfg.seed * 1000 + d.rank)
+    tokenizer, model, net, optimizer, width = _build_student(cfg, d, cache)
+
+    step, tokens_seen, cursor = 0, 0, None
+    if resume_from is not None:
+        step, tokens_seen, cursor = _restore(cfg, d, resume_from, model, optimizer)
+        log(f"resuming from {resume_from} (step {step}, epoch {cursor.epoch})")
+        check_same_cache(cfg, cache.card.identity)
+    _write_run_json(cfg, d, cache, resume_from, width)
+
+    dataset = CacheDataset(cfg.cache, cfg.loader, d.rank, d.world, resume=cursor)
+    epoch = cursor.epoch if cursor else 0
+    total = _planned_total(cfg, dataset, step, epoch)
     run_log = RunLog(cfg, d.rank, step, total)
     autocast = _autocast(cfg, d.device)
     seq_log = _open_sequence_log(cfg, d.rank, step)
@@ -590,24 +630,9 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     if step != last_saved:
         cur = _gather_cursor(d, epoch, slot_counts, consumed, base, cfg)
         _save_checkpoint(cfg, d, model, optimizer, step, tokens_seen, cur)
-    weights = fsdp.full_model_state(model) if is_sharded(cfg, d) else None
-    digest = weights_sha256(model) if weights is None else _state_sha256(weights, d)
-    digests = [None] * d.world
-    if d.world > 1:
-        dist.all_gather_object(digests, digest)
-    else:
-        digests = [digest]
-    summary = {"steps": step, "epochs_started": epoch + 1, "tokens_seen": tokens_seen,
-               "cache_fingerprint": cache.card.identity, "world_size": d.world,
-               "weights_sha256": digests,
-               "ranks_agree": len(set(digests)) == 1,
-               "seconds": time.perf_counter() - t_start}
-    if d.rank == 0:
-        _save_student(model, tokenizer, os.path.join(cfg.output, "model"), weights)
-        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    d.barrier()
-    return summary
+    return _finish(cfg, d, model, tokenizer, cache, {
+        "steps": step, "epochs_started": epoch + 1, "tokens_seen": tokens_seen,
+        "seconds": time.perf_counter() - t_start})
 
 
 def _state_sha256(weights: dict[str, torch.Tensor], d: Dist) -> str:
