@@ -154,12 +154,12 @@ def loader_throughput(cache: str, batch_tokens: int, verify_reads: bool = True) 
     return {"tokens_per_s": tokens / elapsed, "batches": batches, "tokens": tokens}
 
 
-def checksum_cost(cache: str, batch_tokens: int, repeats: int = 3) -> None:
+def checksum_cost(cache: str, batch_tokens: int, repeats: int = 6) -> None:
     """What checking every shard against the manifest's sha256 costs the loader: epochs with
     checks on and off, interleaved; and per shard, hashing vs decoding time."""
     runs = {True: [], False: []}
-    for _ in range(repeats):
-        for on in (True, False):
+    for r in range(repeats):  # alternate which goes first, so neither gains from order
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
             runs[on].append(loader_throughput(cache, batch_tokens, on)["tokens_per_s"])
     on, off = statistics.median(runs[True]), statistics.median(runs[False])
     src = open_cache(cache, check=False)

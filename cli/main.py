@@ -235,7 +235,7 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
               help="Train on the committed shards of a cache whose dump has not finished.")
 @click.option("--skip-checksums", is_flag=True, default=False,
               help="Do not compare shards with the manifest's sha256s as they load "
-                   "(for a cache you verified; costs < 1 % of loader throughput).")
+                   "(for a cache you verified; hashing is ~1 % of decoding).")
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--no-progress", is_flag=True, default=False)
 @user_errors
