@@ -62,8 +62,6 @@ from atkd_cache.cache.schema import (
 )
 from atkd_cache.errors import UserError, first_line
 
-__all__ = ["CacheWriter", "array_sha256", "committed_prefix", "is_remote", "shard_name"]
-
 
 def shard_name(index: int) -> str:
     """Directory name of shard `index`."""
