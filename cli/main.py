@@ -231,6 +231,9 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--log-sequences", is_flag=True, default=False,
               help="Record which sequences each step used (sequences-rank<r>.jsonl).")
 @click.option("--no-tensorboard", is_flag=True, default=False)
+@click.option("--no-fused-head", is_flag=True, default=False,
+              help="Materialise the [N, V] student logits (LM head, then the loss) instead of "
+                   "the fused LM head + loss.")
 @click.option("--allow-partial", is_flag=True, default=False,
               help="Train on the committed shards of a cache whose dump has not finished.")
 @click.option("--skip-checksums", is_flag=True, default=False,
@@ -258,6 +261,7 @@ def train_student_cmd(**kw) -> None:
     )
     kw["progress"] = not kw.pop("no_progress")
     kw["tensorboard"] = not kw.pop("no_tensorboard")
+    kw["fused_head"] = not kw.pop("no_fused_head")
     summary = train(TrainConfig(loss=loss, loader=loader, **kw),
                     log=lambda m: click.echo(m, err=True))
     click.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} supervised tokens "

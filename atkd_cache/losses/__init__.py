@@ -15,6 +15,7 @@ _WHERE = {
     "LossOutput": "kd",
     "SparseTeacher": "kd",
     "kd_loss": "kd",
+    "fused_kd_loss": "fused",
 }
 __all__ = sorted(_WHERE)
 

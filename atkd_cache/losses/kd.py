@@ -181,26 +181,41 @@ def hard_mask(
     return hard_labels_grouped(score, group_offsets, cfg.hard_ratio)
 
 
-def kd_loss(
-    logits: torch.Tensor,
-    teacher: SparseTeacher,
-    cfg: LossConfig | None = None,
-    row_mask: torch.Tensor | None = None,
-    group_offsets: torch.Tensor | list[int] | None = None,
-) -> LossOutput:
-    """The configured loss for N positions: student logits [N, V] (fp32/bf16/fp16) and the
-    cached teacher rows. `row_mask` [N] excludes rows (they count nowhere); `group_offsets`
-    delimits sequences for split='sequence'."""
-    cfg = cfg or LossConfig()
-    cfg.check()
-    terms = sampled_row_terms(logits, teacher, cfg) if teacher.sampled else topk_row_terms(
-        logits, teacher, cfg
-    )
-    n = logits.shape[0]
-    work = terms["ce"].dtype
-    weight = torch.ones(n, dtype=work, device=logits.device)
+def row_terms(
+    logits: torch.Tensor, teacher: SparseTeacher, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """Per-row loss terms of the configured loss (top-k or sampled teacher)."""
+    if teacher.sampled:
+        return sampled_row_terms(logits, teacher, cfg)
+    return topk_row_terms(logits, teacher, cfg)
+
+
+@dataclass
+class RowGroups:
+    """Which rows count (`weight`, 0/1) and, for ATKD, which are easy and hard."""
+
+    weight: torch.Tensor  # [N]
+    easy: torch.Tensor | None = None  # [N], weight * easy label
+    hard: torch.Tensor | None = None
+
+
+def row_groups(
+    teacher: SparseTeacher, cfg: LossConfig, n: int, work: torch.dtype,
+    row_mask: torch.Tensor | None = None, group_offsets: torch.Tensor | list[int] | None = None,
+) -> RowGroups:
+    """The row groups of a loss: they depend on the teacher only (never on the student)."""
+    weight = torch.ones(n, dtype=work, device=teacher.target_ids.device)
     if row_mask is not None:
         weight = weight * row_mask.to(work)
+    if cfg.loss != "atkd":
+        return RowGroups(weight)
+    is_hard = hard_mask(teacher, cfg, group_offsets)
+    return RowGroups(weight, easy=(~is_hard).to(work) * weight, hard=is_hard.to(work) * weight)
+
+
+def combine(terms: dict[str, torch.Tensor], groups: RowGroups, cfg: LossConfig) -> LossOutput:
+    """The loss and its logged parts from per-row terms (group means, as the paper)."""
+    weight = groups.weight
     ce = _masked_mean(terms["ce"], weight)
     parts: dict[str, torch.Tensor] = {"ce": ce.detach(), "tokens": weight.sum().detach()}
     if cfg.loss == "ce":
@@ -209,10 +224,7 @@ def kd_loss(
         loss = _masked_mean(terms[cfg.base], weight)
         parts[cfg.base] = loss.detach()
     else:
-        tkd, dkd = terms["tkd"], terms["dkd"]
-        is_hard = hard_mask(teacher, cfg, group_offsets)
-        hard = is_hard.to(work) * weight
-        easy = (~is_hard).to(work) * weight
+        tkd, dkd, easy, hard = terms["tkd"], terms["dkd"], groups.easy, groups.hard
         loss = cfg.alpha * _masked_mean(dkd, easy) + (1 - cfg.alpha) * _masked_mean(
             tkd + dkd, hard
         )
@@ -225,3 +237,40 @@ def kd_loss(
         loss = loss + cfg.ce_weight * ce
     parts["loss"] = loss.detach()
     return LossOutput(loss=loss, parts=parts)
+
+
+def term_weights(groups: RowGroups, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Per-row weight of each term such that `combine(terms).loss` = sum over terms and rows
+    of weight * term: the loss is linear in the per-row terms, which is what lets the fused
+    LM head (losses/fused.py) differentiate it one chunk of rows at a time."""
+    def share(mask):
+        return mask / mask.sum().clamp(min=1.0)
+
+    if cfg.loss == "ce":
+        return {"ce": share(groups.weight)}
+    if cfg.loss == "kd":
+        out = {cfg.base: share(groups.weight)}
+    else:
+        hard = (1 - cfg.alpha) * share(groups.hard)
+        out = {"tkd": hard, "dkd": cfg.alpha * share(groups.easy) + hard}
+    if cfg.ce_weight:
+        out["ce"] = cfg.ce_weight * share(groups.weight)
+    return out
+
+
+def kd_loss(
+    logits: torch.Tensor,
+    teacher: SparseTeacher,
+    cfg: LossConfig | None = None,
+    row_mask: torch.Tensor | None = None,
+    group_offsets: torch.Tensor | list[int] | None = None,
+) -> LossOutput:
+    """The configured loss for N positions: student logits [N, V] (fp32/bf16/fp16) and the
+    cached teacher rows. `row_mask` [N] excludes rows (they count nowhere); `group_offsets`
+    delimits sequences for split='sequence'."""
+    cfg = cfg or LossConfig()
+    cfg.check()
+    terms = row_terms(logits, teacher, cfg)
+    groups = row_groups(teacher, cfg, logits.shape[0], terms["ce"].dtype, row_mask,
+                        group_offsets)
+    return combine(terms, groups, cfg)

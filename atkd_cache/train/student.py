@@ -13,6 +13,7 @@ from torch import nn
 from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint
+from atkd_cache.losses.fused import fused_kd_loss, head_logits
 from atkd_cache.models import load_causal_lm, load_tokenizer
 from atkd_cache.paths import check_output_folder
 
@@ -142,8 +143,14 @@ class RowLogits(nn.Module):
         rows: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits at `rows`. Packed batches pass position_ids and no attention mask:
+        teacher=None,
+        loss_cfg=None,
+        group_offsets: torch.Tensor | None = None,
+    ):
+        """Logits at `rows`; or, given the teacher rows and a LossConfig, the loss of the LM
+        head fused with it (losses/fused.py: no [N, V] logits), as {"loss", "parts"}. The
+        loss is computed here, inside the module DDP and FSDP wrap, so that they see the
+        head's weight used. Packed batches pass position_ids and no attention mask:
         transformers then builds block-diagonal causal attention from the position resets."""
         hidden = self.model.get_decoder()(
             input_ids=input_ids,
@@ -152,8 +159,10 @@ class RowLogits(nn.Module):
             use_cache=False,
         ).last_hidden_state
         picked = hidden.flatten(0, 1).index_select(0, rows)
-        logits = self.model.get_output_embeddings()(picked)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        head = self.model.get_output_embeddings()
+        if teacher is not None:
+            out = fused_kd_loss(picked, head.weight, teacher, loss_cfg, bias=head.bias,
+                                group_offsets=group_offsets, softcap=self.softcap)
+            return {"loss": out.loss, "parts": out.parts}
+        return head_logits(picked, head.weight, head.bias, self.softcap)
 

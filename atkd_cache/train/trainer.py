@@ -85,6 +85,7 @@ class TrainConfig:
     tensorboard: bool = True
     trust_remote_code: bool = False
     allow_partial: bool = False  # train on the committed shards of an unfinished dump
+    fused_head: bool = True  # LM head + loss fused (losses/fused.py): no [N, V] logits
 
     def check(self) -> None:
         """Raise UserError on settings that cannot work."""
@@ -205,8 +206,9 @@ def sparse_teacher(batch: dict, device: torch.device) -> SparseTeacher:
     )
 
 
-def forward_rows(net, batch: dict, device: torch.device) -> torch.Tensor:
-    """Student logits at the batch's supervised rows."""
+def forward_rows(net, batch: dict, device: torch.device, **loss_kwargs):
+    """Student logits at the batch's supervised rows (or, with teacher/loss_cfg/
+    group_offsets, the fused head + loss: RowLogits.forward)."""
     kwargs = {
         k: batch[k].to(device, non_blocking=True)
         for k in ("attention_mask", "position_ids")
@@ -215,16 +217,18 @@ def forward_rows(net, batch: dict, device: torch.device) -> torch.Tensor:
     return net(
         batch["input_ids"].to(device, non_blocking=True),
         batch["rows"].to(device, non_blocking=True),
-        **kwargs,
+        **kwargs, **loss_kwargs,
     )
 
 
 def accumulate_gradients(
-    net, micro: list[dict], loss_cfg: LossConfig, d: Dist, n_total: float, autocast=None
+    net, micro: list[dict], loss_cfg: LossConfig, d: Dist, n_total: float, autocast=None,
+    fused: bool = False,
 ) -> dict[str, float]:
     """Backward over one step's micro-batches; micro-batch i is weighted by n_i / n_total
     (its share of the step's supervised tokens on all ranks; DDP then averages over ranks,
-    hence the factor world). Returns this rank's share of the weighted loss parts."""
+    hence the factor world). `fused`: the LM head and the loss in one chunked pass
+    (losses/fused.py). Returns this rank's share of the weighted loss parts."""
     sums: dict[str, float] = {}
     for i, b in enumerate(micro):
         n = int(b["rows"].numel())
@@ -235,12 +239,20 @@ def accumulate_gradients(
         elif d.world > 1 and not last:
             sync = net.no_sync()
         with sync:
-            with autocast or contextlib.nullcontext():
-                logits = forward_rows(net, b, d.device)
-            out = kd_loss(logits, sparse_teacher(b, d.device), loss_cfg,
-                          group_offsets=b["group_offsets"].to(d.device))
-            (out.loss * (n * d.world / n_total)).backward()
-        for key, value in out.parts.items():
+            teacher = sparse_teacher(b, d.device)
+            offsets = b["group_offsets"].to(d.device)
+            if fused:  # LM head + loss in one pass: no [N, V] logits
+                with autocast or contextlib.nullcontext():
+                    out = forward_rows(net, b, d.device, teacher=teacher, loss_cfg=loss_cfg,
+                                       group_offsets=offsets)
+                loss, parts = out["loss"], out["parts"]
+            else:
+                with autocast or contextlib.nullcontext():
+                    logits = forward_rows(net, b, d.device)
+                out = kd_loss(logits, teacher, loss_cfg, group_offsets=offsets)
+                loss, parts = out.loss, out.parts
+            (loss * (n * d.world / n_total)).backward()
+        for key, value in parts.items():
             w = 1.0 if key.endswith("tokens") else n / n_total
             sums[key] = sums.get(key, 0.0) + float(value) * w
     return sums
@@ -579,7 +591,8 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
             lr = lr_at(step, cfg, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = accumulate_gradients(net, micro, cfg.loss, d, n_total, autocast)
+            sums = accumulate_gradients(net, micro, cfg.loss, d, n_total, autocast,
+                                        fused=cfg.fused_head)
             norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.clip if cfg.clip > 0 else math.inf
             )

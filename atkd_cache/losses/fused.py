@@ -1,0 +1,136 @@
+"""The LM head fused with the KD loss: the student's [N, V] logits never exist (docs/losses.md §6).
+
+Every loss `kd_loss` offers is linear in its per-row terms with weights that depend on the
+teacher only (kd.term_weights: the easy/hard split is the teacher's, the group sizes are
+known before the student runs). So for N supervised rows with final hidden states h [N, H]
+and an LM head W [V, H] (+ bias b), the loss and its gradients come one chunk of rows at a
+time:
+
+    z_c = h_c W^T (+ b)          (soft-capped like the model when it says so)
+    terms_c = row_terms(z_c)     the same code as the unfused path (bucketed, sampled ...)
+    g_c = d (sum_rows weight * terms_c) / d z_c
+    dh_c = g_c W,   dW += g_c^T h_c,   db += sum_rows g_c
+
+Peak extra memory is one chunk of logits and its gradient ([chunk, V] each) plus dW (the size
+of W, which its .grad needs anyway), instead of [N, V] logits, their float32 copy and their
+gradient. As in Liger-Kernel's fused-linear losses, the gradients are computed during the
+forward pass and only scaled in backward (the loss is a scalar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from atkd_cache.losses.kd import (
+    LossConfig,
+    LossOutput,
+    SparseTeacher,
+    combine,
+    row_groups,
+    row_terms,
+    term_weights,
+)
+
+# Rows per chunk: a [rows, V] logits chunk and its gradient, float32, ~2 x 64 MiB at V = 128k.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_of(teacher: SparseTeacher, lo: int, hi: int) -> SparseTeacher:
+    """The teacher rows lo..hi (every per-row tensor sliced)."""
+    return dataclasses.replace(teacher, **{
+        f.name: getattr(teacher, f.name)[lo:hi] for f in dataclasses.fields(teacher)
+        if isinstance(getattr(teacher, f.name), torch.Tensor)
+    })
+
+
+def head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """What the model's LM head computes from hidden states (Gemma-style soft-capping too)."""
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    return torch.tanh(z / softcap) * softcap if softcap else z
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None) -> (loss, per-row terms [N, T]).
+
+    Non-tensor arguments: the teacher, the loss config, per-term row weights, term names,
+    soft-cap and chunk rows. The second output is detached (for the logged parts)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, cfg, weights, names, softcap, rows):
+        n = hidden.shape[0]
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32,
+                                                       device=bias.device)
+        terms = torch.zeros(n, len(names), dtype=torch.float64 if hidden.dtype == torch.float64
+                            else torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=terms.dtype, device=hidden.device)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            h = hidden[lo:hi].detach()
+            with torch.enable_grad():
+                z = torch.nn.functional.linear(h, weight.detach(),
+                                               None if bias is None else bias.detach())
+                z = z.detach().requires_grad_()
+                capped = torch.tanh(z / softcap) * softcap if softcap else z
+                chunk = row_terms(capped, _rows_of(teacher, lo, hi), cfg)
+                total = sum((weights[k][lo:hi] * chunk[k]).sum() for k in weights)
+                (g,) = torch.autograd.grad(total, z)
+            g = g.to(grad_w.dtype if hidden.dtype != torch.float64 else torch.float64)
+            grad_h[lo:hi] = (g @ weight.to(g.dtype)).to(hidden.dtype)
+            grad_w += (g.T @ h.to(g.dtype)).to(grad_w.dtype)
+            if grad_b is not None:
+                grad_b += g.sum(0).to(grad_b.dtype)
+            loss += total.detach().to(loss.dtype)
+            for j, name in enumerate(names):
+                terms[lo:hi, j] = chunk[name].detach()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
+                              None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_terms):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_loss.to(grad_h.dtype)
+        return (grad_h * scale, grad_w * scale.to(grad_w.dtype),
+                None if grad_b is None else grad_b * scale.to(grad_b.dtype),
+                None, None, None, None, None, None)
+
+
+def fused_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher: SparseTeacher,
+    cfg: LossConfig | None = None,
+    bias: torch.Tensor | None = None,
+    row_mask: torch.Tensor | None = None,
+    group_offsets: torch.Tensor | list[int] | None = None,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> LossOutput:
+    """`kd_loss(head_logits(hidden, weight, bias, softcap), teacher, cfg, ...)` without the
+    [N, V] logits: same value and parts, same gradients for hidden, weight and bias."""
+    cfg = cfg or LossConfig()
+    cfg.check()
+    n, v = hidden.shape[0], weight.shape[0]
+    work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    groups = row_groups(teacher, cfg, n, work, row_mask, group_offsets)
+    weights = term_weights(groups, cfg)
+    names = ["ce"] + [k for k in weights if k != "ce"]
+    if cfg.loss == "kd":
+        names = ["ce", cfg.base]
+    elif cfg.loss == "atkd":
+        names = ["ce", "tkd", "dkd"]
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(1, v))
+    loss, terms = _FusedHeadLoss.apply(hidden, weight, bias, teacher, cfg, weights, names,
+                                       softcap, rows)
+    out = combine({k: terms[:, j] for j, k in enumerate(names)}, groups, cfg)
+    # the value from the group means (as kd_loss reports it), the gradient from the fused pass
+    out.loss = loss + (out.loss - loss).detach()
+    return out

@@ -1,0 +1,168 @@
+"""LM head + loss, forward + backward: peak extra memory and time of
+    ce            F.cross_entropy on the full [N, V] logits (what plain SFT does)
+    atkd          our unfused ATKD: LM head -> [N, V] logits -> kd_loss (streams a buffer)
+    atkd-fused    the fused LM head + ATKD (losses/fused.py): no [N, V] logits
+    kd-fused      the fused LM head + bucketed forward KL
+    liger-jsd     Liger-Kernel's LigerFusedLinearJSD (an online teacher's hidden states and
+                  head), if it runs here: on these CPUs it does not (Triton has no CPU
+                  driver: "0 active drivers"), and it is skipped with that line
+at V in {49,152, 128,256, 151,936}, H in {576, 2,048}, N in {4,096, 16,384} supervised rows,
+teacher top-32 (fp16 log-probs as in a cache), float32 on the CPU.
+
+Each (variant, V, H, N) runs in a fresh process: inputs are built, the process's RSS noted,
+then one forward + backward is timed and the peak RSS minus that baseline is the extra memory
+(the head's weight gradient included: every variant needs it). A variant that would not fit
+in this machine's memory is skipped (estimated from [N, V] float32 tensors) and marked so.
+Results go to --out (JSON), one entry per measurement, and a re-run skips what is there, so
+the whole grid can be measured over several sessions.
+
+    python benchmarks/bench_fused.py [--v 49152,151936] [--h 576] [--n 4096] [--out ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+VARIANTS = ("ce", "atkd", "atkd-fused", "kd-fused", "liger-jsd")
+K = 32
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def inputs(v: int, h: int, n: int):
+    from atkd_cache.losses import SparseTeacher
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    # a peaked teacher over K ids (the target among them at ~80 % of rows, as measured)
+    ids = torch.randint(0, v, (n, K), generator=g)
+    ids[: int(0.8 * n), 0] = targets[: int(0.8 * n)]
+    logp = torch.log_softmax(torch.randn(n, K, generator=g) * 2, -1) - 0.15
+    logp, order = logp.sort(-1, descending=True)
+    target_lp = torch.where(ids[:, 0] == targets, logp[:, 0], torch.full((n,), -8.0))
+    teacher = SparseTeacher(topk_ids=ids.gather(1, order), topk_logprobs=logp.half(),
+                            target_ids=targets, target_logprob=target_lp,
+                            hard=torch.rand(n, generator=g) < 0.5)
+    return hidden, weight, teacher
+
+
+def run_one(variant: str, v: int, h: int, n: int) -> dict:
+    from atkd_cache.losses import LossConfig, kd_loss
+    from atkd_cache.losses.fused import fused_kd_loss
+
+    hidden, weight, teacher = inputs(v, h, n)
+    if variant == "liger-jsd":  # an online teacher's hidden states and head, as Liger takes
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        teacher_h, teacher_w = hidden.detach().clone(), weight.detach().clone()
+    base = rss_mb()
+    t0 = time.perf_counter()
+    if variant == "ce":
+        logits = hidden @ weight.T
+        loss = torch.nn.functional.cross_entropy(logits, teacher.target_ids)
+    elif variant == "atkd":
+        loss = kd_loss(hidden @ weight.T, teacher, LossConfig(loss="atkd")).loss
+    elif variant in ("atkd-fused", "kd-fused"):
+        cfg = LossConfig(loss=variant.removesuffix("-fused"))
+        loss = fused_kd_loss(hidden, weight, teacher, cfg).loss
+    elif variant == "liger-jsd":
+        loss = LigerFusedLinearJSD()(hidden, weight, teacher_h, teacher_w, None)
+    else:
+        raise SystemExit(f"unknown variant {variant}")
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    return {"variant": variant, "V": v, "H": h, "N": n, "seconds": seconds,
+            "extra_mb": peak_mb() - base, "loss": float(loss)}
+
+
+def fits(variant: str, v: int, n: int, budget_gb: float) -> bool:
+    """Rough: the unfused variants hold ~3 [N, V] float32 tensors at their peak."""
+    if variant.endswith("fused"):
+        return True
+    return 3 * n * v * 4 / 2**30 < budget_gb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--v", default="49152,128256,151936")
+    ap.add_argument("--h", default="576,2048")
+    ap.add_argument("--n", default="4096,16384")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--budget-gb", type=float, default=18.0,
+                    help="Skip unfused variants whose [N, V] tensors would not fit.")
+    ap.add_argument("--out", default="runs/bench/fused.json")
+    ap.add_argument("--one", nargs=4, metavar=("VARIANT", "V", "H", "N"))
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.one:
+        variant, v, h, n = args.one
+        print(json.dumps(run_one(variant, int(v), int(h), int(n))))
+        return
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    done = json.load(open(args.out)) if os.path.exists(args.out) else []
+    seen = {(r["variant"], r["V"], r["H"], r["N"]) for r in done}
+    for n in map(int, args.n.split(",")):
+        for h in map(int, args.h.split(",")):
+            for v in map(int, args.v.split(",")):
+                for variant in args.variants.split(","):
+                    if (variant, v, h, n) in seen:
+                        continue
+                    if not fits(variant, v, n, args.budget_gb):
+                        row = {"variant": variant, "V": v, "H": h, "N": n,
+                               "skipped": f"[N, V] tensors need > {args.budget_gb} GB"}
+                    else:
+                        r = subprocess.run([sys.executable, __file__, "--one", variant, str(v),
+                                            str(h), str(n)], capture_output=True, text=True)
+                        if r.returncode != 0:
+                            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+                            row = {"variant": variant, "V": v, "H": h, "N": n,
+                                   "skipped": last[:200]}
+                        else:
+                            row = json.loads(r.stdout.strip().splitlines()[-1])
+                    done.append(row)
+                    with open(args.out, "w") as f:
+                        json.dump(done, f, indent=1)
+                    print(row, flush=True)
+    table(done)
+
+
+def table(rows: list[dict]) -> None:
+    """Print time and extra memory per configuration, with ratios to cross-entropy."""
+    by = {(r["V"], r["H"], r["N"]): {} for r in rows}
+    for r in rows:
+        by[(r["V"], r["H"], r["N"])][r["variant"]] = r
+    print(f"\n{'V':>7} {'H':>5} {'N':>6} {'variant':>11} {'s':>8} {'x CE':>6} {'extra MB':>9} "
+          f"{'x CE':>6}")
+    for (v, h, n), cells in sorted(by.items()):
+        ce = cells.get("ce", {})
+        for name, r in cells.items():
+            if "skipped" in r:
+                print(f"{v:>7} {h:>5} {n:>6} {name:>11}  skipped: {r['skipped']}")
+                continue
+            ts = f"{r['seconds'] / ce['seconds']:6.2f}" if "seconds" in ce else "     -"
+            ms = f"{r['extra_mb'] / ce['extra_mb']:6.3f}" if "extra_mb" in ce else "     -"
+            print(f"{v:>7} {h:>5} {n:>6} {name:>11} {r['seconds']:8.2f} {ts} "
+                  f"{r['extra_mb']:9.0f} {ms}")
+
+
+if __name__ == "__main__":
+    main()
