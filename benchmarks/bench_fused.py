@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -91,7 +92,7 @@ def run_one(variant: str, v: int, h: int, n: int) -> dict:
     loss.backward()
     seconds = time.perf_counter() - t0
     return {"variant": variant, "V": v, "H": h, "N": n, "seconds": seconds,
-            "extra_mb": peak_mb() - base, "loss": float(loss)}
+            "extra_mb": peak_mb() - base, "loss": float(loss.detach())}
 
 
 def fits(variant: str, v: int, n: int, budget_gb: float) -> bool:
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=18.0,
                     help="Skip unfused variants whose [N, V] tensors would not fit.")
     ap.add_argument("--out", default="runs/bench/fused.json")
+    ap.add_argument("--repeats", type=int, default=3, help="Fresh processes per cell.")
     ap.add_argument("--one", nargs=4, metavar=("VARIANT", "V", "H", "N"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -130,19 +132,27 @@ def main() -> None:
                         row = {"variant": variant, "V": v, "H": h, "N": n,
                                "skipped": f"[N, V] tensors need > {args.budget_gb} GB"}
                     else:
-                        r = subprocess.run([sys.executable, __file__, "--one", variant, str(v),
-                                            str(h), str(n)], capture_output=True, text=True)
-                        if r.returncode != 0:
-                            last = (r.stderr.strip().splitlines() or ["?"])[-1]
-                            row = {"variant": variant, "V": v, "H": h, "N": n,
-                                   "skipped": last[:200]}
-                        else:
-                            row = json.loads(r.stdout.strip().splitlines()[-1])
+                        row = measure(variant, v, h, n, args.repeats)
                     done.append(row)
                     with open(args.out, "w") as f:
                         json.dump(done, f, indent=1)
                     print(row, flush=True)
     table(done)
+
+
+def measure(variant: str, v: int, h: int, n: int, repeats: int) -> dict:
+    """Median time and extra memory over `repeats` fresh processes (or why it did not run)."""
+    runs = []
+    for _ in range(repeats):
+        r = subprocess.run([sys.executable, __file__, "--one", variant, str(v), str(h), str(n)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            return {"variant": variant, "V": v, "H": h, "N": n, "skipped": last[:200]}
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    mid = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
+    return {**mid, "extra_mb": statistics.median(x["extra_mb"] for x in runs),
+            "seconds_all": [x["seconds"] for x in runs], "repeats": repeats}
 
 
 def table(rows: list[dict]) -> None:
