@@ -33,9 +33,11 @@ from atkd_cache.losses.kd import (
     term_weights,
 )
 
-# Rows per chunk: a [rows, V] logits chunk and its gradient, float32, 32 MiB each (measured:
-# 2^23 elements kept the extra memory at ~0.09x of cross-entropy's at V = 49k, H = 576,
-# N = 4k, and the time within noise of 2^24; 2^22 was slower).
+# Rows per chunk: enough for an efficient matmul (at least MIN_CHUNK_ROWS), otherwise about
+# CHUNK_ELEMENTS logits (32 MiB in float32). Measured on these CPUs (benchmarks/bench_fused.py,
+# V = 151,936, H = 576, N = 4,096): 55 rows 21.3 s / 789 MB extra, 256 rows 16.7 s / 810 MB,
+# 512 rows 15.4 s / 1,260 MB; cross-entropy on full logits 23.0 s / 9,509 MB.
+MIN_CHUNK_ROWS = 256
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -129,7 +131,7 @@ def fused_kd_loss(
         names = ["ce", cfg.base]
     elif cfg.loss == "atkd":
         names = ["ce", "tkd", "dkd"]
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(1, v))
+    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
     loss, terms = _FusedHeadLoss.apply(hidden, weight, bias, teacher, cfg, weights, names,
                                        softcap, rows)
     out = combine({k: terms[:, j] for j, k in enumerate(names)}, groups, cfg)
