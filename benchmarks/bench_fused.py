@@ -17,6 +17,7 @@ Results go to --out (JSON), one entry per measurement, and a re-run skips what i
 the whole grid can be measured over several sessions.
 
     python benchmarks/bench_fused.py [--v 49152,151936] [--h 576] [--n 4096] [--out ...]
+    python benchmarks/bench_fused.py --step --v 151936 --h 576   # whole steps, see step_ladder
 """
 
 from __future__ import annotations
@@ -95,6 +96,80 @@ def run_one(variant: str, v: int, h: int, n: int) -> dict:
             "extra_mb": peak_mb() - base, "loss": float(loss.detach())}
 
 
+def train_step(fused: bool, tokens: int, v: int, h: int) -> dict:
+    """One whole train-student step (forward, loss, backward, AdamW; the same
+    accumulate_gradients train-student runs) of a 2-layer student with a V-wide tied head,
+    on one micro-batch of `tokens` supervised tokens (rows of 1,024) and a top-32 teacher."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from atkd_cache.losses import LossConfig
+    from atkd_cache.train.student import RowLogits
+    from atkd_cache.train.trainer import Dist, accumulate_gradients
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=v, hidden_size=h, intermediate_size=4 * h, num_hidden_layers=2,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+        max_position_embeddings=1024))
+    net = RowLogits(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    rows_per_seq = 1024
+    b = tokens // rows_per_seq
+    _, _, teacher = inputs(v, 8, b * (rows_per_seq - 1))
+    batch = {"input_ids": torch.randint(0, v, (b, rows_per_seq)),
+             "attention_mask": torch.ones(b, rows_per_seq, dtype=torch.long),
+             "rows": (torch.arange(b)[:, None] * rows_per_seq
+                      + torch.arange(rows_per_seq - 1)[None]).reshape(-1),
+             "group_offsets": torch.arange(b + 1) * (rows_per_seq - 1),
+             "target_ids": teacher.target_ids, "target_logprob": teacher.target_logprob,
+             "topk_ids": teacher.topk_ids.int(), "topk_logprobs": teacher.topk_logprobs,
+             "hard": teacher.hard, "uncertainty": -torch.expm1(teacher.target_logprob),
+             "entropy": torch.zeros(b * (rows_per_seq - 1))}
+    base = rss_mb()
+    t0 = time.perf_counter()
+    n = float(batch["rows"].numel())
+    accumulate_gradients(net, [batch], LossConfig(loss="atkd"), Dist(), n, fused=fused)
+    opt.step()
+    return {"fused": fused, "tokens": tokens, "V": v, "H": h,
+            "seconds": time.perf_counter() - t0, "extra_mb": peak_mb() - base,
+            "peak_rss_mb": peak_mb()}
+
+
+def step_ladder(v: int, h: int, out: str) -> None:
+    """The largest micro-batch (tokens, doubling from 2,048) one train-student step fits in
+    this machine's memory, unfused vs fused; a step that is killed or fails ends a ladder."""
+    done = json.load(open(out)) if os.path.exists(out) else []
+    fitted = {False: 0, True: 0}
+    for fused in (False, True):
+        tokens = 2048
+        # the fused ladder stops at 4x what fitted unfused: enough for the claim, and each
+        # doubling doubles a CPU step that already takes minutes
+        limit = 65536 if not fused else max(2048, 4 * fitted[False])
+        while True:
+            key = {"fused": fused, "tokens": tokens, "V": v, "H": h}
+            row = next((r for r in done if all(r.get(k) == x for k, x in key.items())), None)
+            if row is None:
+                r = subprocess.run([sys.executable, __file__, "--step-one", str(int(fused)),
+                                    str(tokens), str(v), str(h)], capture_output=True, text=True)
+                if r.returncode == 0:
+                    row = json.loads(r.stdout.strip().splitlines()[-1])
+                else:
+                    why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+                    row = {**key, "failed": f"exit {r.returncode}: {why[:150]}"}
+                done.append(row)
+                with open(out, "w") as f:
+                    json.dump(done, f, indent=1)
+            print(row, flush=True)
+            if "failed" in row:
+                break
+            fitted[fused] = tokens
+            if tokens >= limit:
+                break
+            tokens *= 2
+    print(f"largest micro-batch that fits: unfused {fitted[False]} tokens, fused at least "
+          f"{fitted[True]} ({fitted[True] / max(1, fitted[False]):.0f}x)")
+
+
 def fits(variant: str, v: int, n: int, budget_gb: float) -> bool:
     """Rough: the unfused variants hold ~3 [N, V] float32 tensors at their peak."""
     if variant.endswith("fused"):
@@ -113,8 +188,20 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/fused.json")
     ap.add_argument("--repeats", type=int, default=3, help="Fresh processes per cell.")
     ap.add_argument("--one", nargs=4, metavar=("VARIANT", "V", "H", "N"))
+    ap.add_argument("--step", action="store_true",
+                    help="Whole train-student steps: the largest micro-batch that fits, "
+                         "unfused vs fused, at the first --v and --h.")
+    ap.add_argument("--step-one", nargs=4, metavar=("FUSED", "TOKENS", "V", "H"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.step_one:
+        fused, tokens, v, h = map(int, args.step_one)
+        print(json.dumps(train_step(bool(fused), tokens, v, h)))
+        return
+    if args.step:
+        step_ladder(int(args.v.split(",")[0]), int(args.h.split(",")[0]),
+                    args.out.replace(".json", "-step.json"))
+        return
     if args.one:
         variant, v, h, n = args.one
         print(json.dumps(run_one(variant, int(v), int(h), int(n))))
