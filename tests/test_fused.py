@@ -164,3 +164,14 @@ def test_train_student_fused_and_unfused_give_the_same_weights(assets, tmp_path,
     first = load_file(f"{student}/model.safetensors")
     moved = max(float((weights[0][k] - first[k]).abs().max()) for k in first)
     assert moved > 1e-4  # the runs trained: equal weights are not equal starting points
+
+
+def test_second_backward_is_refused():
+    """dW is scaled in place in backward (no copy of the head's size): a second backward
+    through the same forward would scale it twice, so it is refused."""
+    hidden, weight, _, teacher = case(seed=4)
+    h = hidden.clone().requires_grad_()
+    out = fused_kd_loss(h, weight.clone().requires_grad_(), teacher, LossConfig())
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        out.loss.backward()

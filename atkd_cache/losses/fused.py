@@ -12,9 +12,10 @@ time:
     dh_c = g_c W,   dW += g_c^T h_c,   db += sum_rows g_c
 
 Peak extra memory is one chunk of logits and its gradient ([chunk, V] each) plus dW (the size
-of W, which its .grad needs anyway), instead of [N, V] logits, their float32 copy and their
-gradient. As in Liger-Kernel's fused-linear losses, the gradients are computed during the
-forward pass and only scaled in backward (the loss is a scalar).
+of W, which its .grad needs anyway; scaled in place in backward, never copied), instead of
+[N, V] logits, their float32 copy and their gradient. As in Liger-Kernel's fused-linear
+losses, the gradients are computed during the forward pass and only scaled in backward (the
+loss is a scalar).
 """
 
 from __future__ import annotations
@@ -95,16 +96,22 @@ class _FusedHeadLoss(torch.autograd.Function):
                 terms[lo:hi, j] = chunk[name].detach()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.used = False
         ctx.mark_non_differentiable(terms)
         return loss, terms
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_terms):
+        # Scaled in place: a scaled copy of dW would double the peak memory of the head's
+        # gradient. So this function can be differentiated once (no retain_graph reuse).
+        if ctx.used:
+            raise RuntimeError("the fused LM head + loss supports one backward pass per forward")
+        ctx.used = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_loss.to(grad_h.dtype)
-        return (grad_h * scale, grad_w * scale.to(grad_w.dtype),
-                None if grad_b is None else grad_b * scale.to(grad_b.dtype),
-                None, None, None, None, None, None)
+        for grad in (grad_h, grad_w, grad_b):
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -126,11 +133,7 @@ def fused_kd_loss(
     work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     groups = row_groups(teacher, cfg, n, work, row_mask, group_offsets)
     weights = term_weights(groups, cfg)
-    names = ["ce"] + [k for k in weights if k != "ce"]
-    if cfg.loss == "kd":
-        names = ["ce", cfg.base]
-    elif cfg.loss == "atkd":
-        names = ["ce", "tkd", "dkd"]
+    names = {"ce": ["ce"], "kd": ["ce", cfg.base], "atkd": ["ce", "tkd", "dkd"]}[cfg.loss]
     rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
     loss, terms = _FusedHeadLoss.apply(hidden, weight, bias, teacher, cfg, weights, names,
                                        softcap, rows)
