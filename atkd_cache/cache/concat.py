@@ -24,7 +24,7 @@ from atkd_cache.cache.inspect import verify_cache
 from atkd_cache.cache.integrity import canonical_json, complete_record, manifest_table, meta_sha256
 from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.schema import COMPLETE_FILE, MANIFEST_FILE, SHARDS_GROUP, CacheCard
-from atkd_cache.cache.writer import shard_name
+from atkd_cache.cache.writer import dir_bytes, shard_name
 from atkd_cache.errors import UserError
 from atkd_cache.paths import check_output_folder
 
@@ -122,7 +122,7 @@ def concat_caches(inputs: list[str], output: str) -> Cache:
             shard_dir = staging / SHARDS_GROUP / name
             rows.append({
                 **row, "shard": name, "index": index, "first_sequence": first_sequence,
-                "bytes": sum(p.stat().st_size for p in shard_dir.rglob("*") if p.is_file()),
+                "bytes": dir_bytes(shard_dir),
                 "sha256_meta": meta_sha256(lambda rel, d=shard_dir: (d / rel).read_bytes(),
                                            cache.array_names),
             })

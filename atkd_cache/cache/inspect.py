@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 
@@ -126,14 +127,12 @@ class _DataDigest:
     def __init__(self, cache: Cache):
         parts = cache.card.extra.get("concat") if isinstance(cache.card.extra, dict) else None
         self.expected = cache.card.data_fingerprint
-        self.bounds: list[tuple[int, str]] = []  # (sequences in the part, its fingerprint)
-        if parts:
-            if not all(isinstance(p, dict) and "data_fingerprint" in p for p in parts):
-                self.bounds = []
-                self.skip = True  # made by a concat that did not record the parts' digests
-                return
-            self.bounds = [(p["sequences"], p["data_fingerprint"]) for p in parts]
-        self.skip = False
+        # made by a concat that did not record the parts' digests: nothing to compare with
+        self.skip = bool(parts) and not all(
+            isinstance(p, dict) and "data_fingerprint" in p for p in parts)
+        self.parts = [p["data_fingerprint"] for p in parts] if parts and not self.skip else []
+        self.ends = list(itertools.accumulate(p["sequences"] for p in parts)) \
+            if self.parts else []  # cache-order index just past each part
         self.seen, self.digests, self.current = 0, [], hashlib.sha256()
 
     def add(self, a: dict[str, np.ndarray]) -> None:
@@ -146,7 +145,7 @@ class _DataDigest:
             add_sequence(self.current, seq_id, a["input_ids"][t0:t1],
                          a["supervised"][t0 - i : t1 - i - 1])
             self.seen += 1
-            if self.bounds and self.seen == sum(n for n, _ in self.bounds[: len(self.digests) + 1]):
+            if len(self.digests) < len(self.ends) and self.seen == self.ends[len(self.digests)]:
                 self.digests.append("sha256:" + self.current.hexdigest())
                 self.current = hashlib.sha256()
 
@@ -154,12 +153,10 @@ class _DataDigest:
         """A problem when the recomputed fingerprint differs from the card's."""
         if self.skip:
             return []
-        if self.bounds:
-            got = [fp for _, fp in self.bounds]
-            if self.digests != got:
+        if self.parts:
+            if self.digests != self.parts:
                 return ["card: a part's data_fingerprint does not match its stored sequences"]
-            joined = hashlib.sha256("\n".join(got).encode()).hexdigest()
-            actual = "sha256:" + joined
+            actual = "sha256:" + hashlib.sha256("\n".join(self.parts).encode()).hexdigest()
         else:
             actual = "sha256:" + self.current.hexdigest()
         if actual != self.expected:

@@ -85,7 +85,8 @@ def _shard_index(name: str) -> int | None:
     return int(tail) if name.startswith(prefix) and tail.isdigit() else None
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under a folder (a shard's manifest `bytes`)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -227,7 +228,7 @@ class CacheWriter:
     def _bytes(self, *parts: str) -> int:
         if self.remote:
             return int(self.fs.du("/".join([self.base, *parts])))
-        return _dir_bytes(self.root.joinpath(*parts))
+        return dir_bytes(self.root.joinpath(*parts))
 
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:

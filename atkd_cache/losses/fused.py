@@ -72,8 +72,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
-        terms = torch.zeros(n, len(names), dtype=torch.float64 if hidden.dtype == torch.float64
-                            else torch.float32, device=hidden.device)
+        terms = torch.zeros(n, len(names), dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=terms.dtype, device=hidden.device)
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
