@@ -14,6 +14,7 @@ from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint
 from atkd_cache.losses.fused import fused_kd_loss, head_logits
+from atkd_cache.losses.kd import LossConfig, LossOutput, SparseTeacher, kd_loss
 from atkd_cache.models import load_causal_lm, load_tokenizer
 from atkd_cache.paths import check_output_folder
 
@@ -161,8 +162,27 @@ class RowLogits(nn.Module):
         picked = hidden.flatten(0, 1).index_select(0, rows)
         head = self.model.get_output_embeddings()
         if teacher is not None:
-            out = fused_kd_loss(picked, head.weight, teacher, loss_cfg, bias=head.bias,
-                                group_offsets=group_offsets, softcap=self.softcap)
+            out = loss_at_rows(picked, head, teacher, loss_cfg, group_offsets, self.softcap)
             return {"loss": out.loss, "parts": out.parts}
         return head_logits(picked, head.weight, head.bias, self.softcap)
 
+
+def loss_at_rows(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    teacher: SparseTeacher,
+    loss_cfg: LossConfig,
+    group_offsets: torch.Tensor | None = None,
+    softcap: float | None = None,
+    fused: bool = True,
+) -> LossOutput:
+    """The KD loss of the student's final hidden states [N, H] at the supervised rows, through
+    its LM head: fused with the loss (losses/fused.py, no [N, V] logits) when the head is a
+    plain linear layer, else (a PEFT-wrapped head, `fused=False`) logits then `kd_loss`."""
+    if fused and isinstance(head, nn.Linear):
+        return fused_kd_loss(hidden, head.weight, teacher, loss_cfg, bias=head.bias,
+                             group_offsets=group_offsets, softcap=softcap)
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return kd_loss(logits, teacher, loss_cfg, group_offsets=group_offsets)

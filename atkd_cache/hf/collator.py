@@ -1,0 +1,63 @@
+"""Rows of the `datasets` view (hf/dataset.py) -> one training micro-batch, built by the same
+`collate` as `train-student`'s loader, plus `labels` for the model's own cross-entropy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from atkd_cache.cache.reader import CachedSequence
+from atkd_cache.hf.dataset import IGNORE_INDEX
+from atkd_cache.train.loader import collate
+
+# Columns a Trainer must not drop before the collator sees them (signature columns).
+TEACHER_COLUMNS = (
+    "seq_index", "labels", "target_logprob", "entropy", "uncertainty", "hard",
+    "topk_ids", "topk_logprobs", "sample_sizes", "sample_ids", "sample_counts",
+)
+
+
+def row_sequence(row: dict) -> CachedSequence:
+    """A dataset row back as the reader's CachedSequence (supervised = labels[1:] != -100)."""
+    def get(name, dtype):
+        return np.asarray(row[name], dtype=dtype) if name in row else None
+
+    labels = get("labels", np.int64)
+    return CachedSequence(
+        seq_id=-1,
+        index=int(row.get("seq_index", -1)),
+        input_ids=get("input_ids", np.int64),
+        supervised=labels[1:] != IGNORE_INDEX,
+        target_logprob=get("target_logprob", np.float32),
+        entropy=get("entropy", np.float32),
+        uncertainty=get("uncertainty", np.float32),
+        hard=get("hard", bool),
+        topk_ids=get("topk_ids", np.int64),
+        topk_logprobs=get("topk_logprobs", np.float32),
+        sample_sizes=get("sample_sizes", np.int64),
+        sample_ids=get("sample_ids", np.int64),
+        sample_counts=get("sample_counts", np.int64),
+    )
+
+
+@dataclass
+class KDCollator:
+    """Pads (or, with `pack`, concatenates) a list of rows into the loader's micro-batch:
+    input_ids, attention_mask (or position_ids), `rows` (the flat [B * T] positions whose
+    next token is supervised, in the teacher rows' order), `group_offsets` (each sequence's
+    rows), the teacher tensors, and `labels` [B, T] (-100 on padding and unsupervised
+    tokens) so that `num_items_in_batch` and plain CE work as in any causal-LM Trainer."""
+
+    pack: bool = False
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """The micro-batch of `features` (rows of the datasets view)."""
+        seqs = [row_sequence(f) for f in features]
+        batch = collate(seqs, self.pack)
+        labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX, dtype=torch.int64)
+        flat = labels.view(-1)  # the token at row r + 1 is the label of position r
+        flat[batch["rows"] + 1] = batch["target_ids"]
+        batch["labels"] = labels
+        return batch
