@@ -148,3 +148,147 @@ def test_trainer_matches_train_student(hf, tmp_path, loss):
     for name, value in theirs.items():
         assert torch.allclose(mine[name], value, atol=1e-5, rtol=0), name
     assert (theirs["lm_head.weight"] - before["lm_head.weight"]).abs().max() > 1e-4  # trained
+
+
+def test_checkpoint_resume_gives_the_same_weights(hf, tmp_path):
+    """Trainer checkpoints (save_steps) and resume_from_checkpoint: 4 steps in one go equal
+    2 steps, a checkpoint, and 2 more in a new Trainer."""
+    dataset = cache_dataset(hf["cache"], streaming=False, cache_dir=str(tmp_path / "hfc"))
+
+    def run(out, steps, resume=None):
+        args = training_args(out, max_steps=4, save_strategy="steps", save_steps=2)
+        model = student(hf["student"])
+        if resume:  # start elsewhere: only the checkpoint's weights can give the same end
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01)
+        trainer = KDTrainer(model=model, args=args, loss=LossConfig(),
+                            train_dataset=dataset, data_collator=KDCollator())
+        if steps < 4:
+            trainer.add_callback(_StopAt(steps))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.model.state_dict()
+
+    whole = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
+    for name, value in whole.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6, rtol=0), name
+
+
+class _StopAt:
+    """A TrainerCallback stopping training after `steps` (as a kill would, after a save)."""
+
+    def __new__(cls, steps):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step >= steps:
+                    control.should_training_stop = True
+                return control
+
+        return Stop()
+
+
+def test_lora_student_trains_saves_and_reloads(hf, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = get_peft_model(student(hf["student"]), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    args = training_args(tmp_path / "lora", learning_rate=1e-2, activation_checkpointing=True)
+    dataset = cache_dataset(hf["cache"], streaming=False, cache_dir=str(tmp_path / "hfc"))
+    trainer = KDTrainer(model=model, args=args, loss=LossConfig(), train_dataset=dataset,
+                        data_collator=KDCollator())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    model.save_pretrained(tmp_path / "adapter")
+    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in model.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # B starts at 0: it trained
+    reloaded = PeftModel.from_pretrained(student(hf["student"]), tmp_path / "adapter").eval()
+    batch = KDCollator()(list(dataset.select(range(2))))
+    with torch.no_grad():
+        want = model.eval()(input_ids=batch["input_ids"]).logits
+        got = reloaded(input_ids=batch["input_ids"]).logits
+        base = student(hf["student"])(input_ids=batch["input_ids"]).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(base, want, atol=1e-3)
+
+
+def test_trl_sft_trainer_takes_the_mixin(hf, tmp_path):
+    """KDLossMixin in front of TRL's SFTTrainer gives the same steps as KDTrainer."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from atkd_cache.hf import KDLossMixin
+
+    class KDSFTTrainer(KDLossMixin, SFTTrainer):
+        pass
+
+    dataset = cache_dataset(hf["cache"], streaming=False, cache_dir=str(tmp_path / "hfc"))
+    base = training_args(tmp_path / "plain").to_dict()
+    base.update(output_dir=str(tmp_path / "trl"), dataset_kwargs={"skip_prepare_dataset": True},
+                packing=False)
+    keep = {k: v for k, v in base.items() if k in SFTConfig.__dataclass_fields__
+            and not k.startswith("_") and k not in ("push_to_hub_token", "logging_dir")}
+    sft = KDSFTTrainer(model=student(hf["student"]), args=SFTConfig(**keep),
+                       processing_class=AutoTokenizer.from_pretrained(hf["student"]),
+                       loss=LossConfig(), train_dataset=dataset, data_collator=KDCollator())
+    sft.train()
+    plain = KDTrainer(model=student(hf["student"]), args=training_args(tmp_path / "plain"),
+                      loss=LossConfig(), train_dataset=dataset, data_collator=KDCollator())
+    plain.train()
+    a = [h["loss"] for h in sft.state.log_history if "loss" in h]
+    b = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    assert len(a) == 3 and a == pytest.approx(b, rel=1e-5)
+
+
+DDP_SCRIPT = """
+import hashlib, json, sys
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+from atkd_cache.hf import KDCollator, KDTrainer, cache_dataset
+from atkd_cache.losses.kd import LossConfig
+
+cache, student, out = sys.argv[1:4]
+seen = []
+
+class Recording(KDCollator):
+    def __call__(self, features):
+        seen.extend(int(f["seq_index"]) for f in features)
+        return super().__call__(features)
+
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3,
+                         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                         use_cpu=True, ddp_backend="gloo", disable_tqdm=True)
+model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+trainer = KDTrainer(model=model, args=args, loss=LossConfig(), train_dataset=
+                    cache_dataset(cache), data_collator=Recording())
+trainer.train()
+digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in
+                                 trainer.model.state_dict().values())).hexdigest()
+losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+json.dump({"sha": digest, "seen": seen, "losses": losses},
+          open(f"{out}/rank{args.process_index}.json", "w"))
+"""
+
+
+def test_torchrun_two_processes(hf, tmp_path):
+    """KDTrainer under torchrun (2 CPU processes, gloo): each rank reads its own cache shards,
+    the ranks end with identical weights, and the logged loss is the global one."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29561", str(script), hf["cache"], hf["student"], str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["sha"] == ranks[1]["sha"]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
+    assert ranks[0]["seen"] and ranks[1]["seen"]
+    assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # disjoint cache shards
