@@ -167,6 +167,28 @@ def concat_cmd(caches: tuple[str, ...], output: str) -> None:
                f"fingerprint {joined.card.identity}")
 
 
+@main.command("export")
+@click.argument("cache")
+@click.option("--format", "fmt", type=click.Choice(["axolotl"]), required=True,
+              help="axolotl: a datasets (Parquet) dataset for axolotl's KD plugin.")
+@click.option("--output", "-o", required=True, help="New folder for the exported dataset.")
+@click.option("--align", type=click.Choice(["next", "current"]), default="next",
+              show_default=True,
+              help="next: row t holds the distribution of token t+1 (what axolotl's KD loss "
+                   "consumes at hidden state t); current: of token t (vLLM prompt log-probs).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@user_errors
+def export_cmd(cache: str, fmt: str, output: str, align: str, progress: bool) -> None:
+    """Write a cache in another tool's format (docs/integrations.md)."""
+    from atkd_cache.hf.axolotl import export_axolotl
+
+    s = export_axolotl(cache, output, align=align, progress=progress)
+    click.echo(f"exported {s['rows']} sequences ({s['supervised_positions']} supervised "
+               f"positions, top-{s['top_k']}, temperature {s['temperature']}, align "
+               f"{s['align']}) to {output} in {s['files']} Parquet file(s); set axolotl's "
+               f"kd_temperature: {s['temperature']}")
+
+
 @main.command("init-student")
 @click.option("--from", "teacher", required=True, help="Teacher: HF folder, hub id or .gguf.")
 @click.option("--layers", required=True,
