@@ -87,6 +87,8 @@ def shard_table(arrays: dict[str, np.ndarray], k: int, align: str = "next") -> p
 
 def _card(cache, align: str, files: int, rows: int) -> str:
     card = cache.card
+    layout = ("t + 1 (axolotl's loss consumes it at the student's hidden state t)"
+              if align == "next" else "t (the vLLM prompt log-prob layout)")
     front = "\n".join([
         "---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
         "    path: data/train-*.parquet", "tags:", "- knowledge-distillation", "- axolotl",
@@ -108,7 +110,7 @@ Exported by `atkd-cache export --format axolotl` from an atkd-cache cache. Each 
 pre-tokenized sequence with `input_ids`, `attention_mask`, `labels` and the KD columns
 `target_token_ids`, `target_logprobs` (top-{card.top_k}, renormalised over the top-k at
 temperature {card.temperature}) and `target_mask`; alignment `{align}`: row t holds the
-teacher's distribution of token {"t + 1 (axolotl's loss consumes it at the student's hidden state t)" if align == "next" else "t (vLLM prompt log-prob layout)"}.
+teacher's distribution of token {layout}.
 
 | field | value |
 |---|---|
@@ -146,7 +148,8 @@ def export_axolotl(cache_path: str, output: str, align: str = "next", check: boo
         rows = positions = 0
         for shard in tqdm(range(n), desc="export", unit="shard", disable=not progress):
             table = shard_table(cache.read_shard(shard), cache.card.top_k, align)
-            pq.write_table(table, os.path.join(tmp, "data", f"train-{shard:05d}-of-{n:05d}.parquet"))
+            name = f"train-{shard:05d}-of-{n:05d}.parquet"
+            pq.write_table(table, os.path.join(tmp, "data", name))
             rows += table.num_rows
             positions += cache.shard_rows[shard]["num_supervised"]
         summary = {"output": output, "rows": rows, "files": n, "supervised_positions": positions,
