@@ -123,3 +123,24 @@ def test_align_current_is_shifted_by_one(exported, tmp_path):
     assert b["target_token_ids"][1:] == a["target_token_ids"][:-1]
     assert b["target_mask"][1:] == a["target_mask"][:-1] and not any(b["target_mask"][0])
     assert b["labels"] == a["labels"]
+
+
+def test_every_cache_has_a_dataset_card(exported, tmp_path):
+    """README.md (a Hub dataset card) in a dumped cache and in a concat of two."""
+    from atkd_cache.cache.concat import concat_caches
+
+    cache = open_cache(exported["cache"])
+    for folder, opened in ((exported["cache"], cache),
+                           (str(tmp_path / "joined"), None)):
+        if opened is None:
+            opened = concat_caches([exported["cache"], exported["cache"]], folder)
+        text = open(os.path.join(folder, "README.md")).read()
+        front = text.split("---")[1]
+        assert "knowledge-distillation" in front and "viewer: false" in front
+        rows = opened.shard_rows
+        for fact in (opened.card.teacher_weights_hash, opened.card.tokenizer_fingerprint,
+                     opened.card.identity, "top-8 ids + log-probs",
+                     f"| sequences | `{sum(r['num_sequences'] for r in rows)}` |",
+                     f"| supervised positions | `{sum(r['num_supervised'] for r in rows)}` |",
+                     "atkd-cache train-student --cache .", "KDTrainer("):
+            assert fact in text, fact

@@ -23,6 +23,7 @@ import zarr
 from atkd_cache.cache.inspect import verify_cache
 from atkd_cache.cache.integrity import canonical_json, complete_record, manifest_table, meta_sha256
 from atkd_cache.cache.reader import Cache, open_cache
+from atkd_cache.cache.readme import README_FILE, render_readme
 from atkd_cache.cache.schema import COMPLETE_FILE, MANIFEST_FILE, SHARDS_GROUP, CacheCard
 from atkd_cache.cache.writer import dir_bytes, shard_name
 from atkd_cache.errors import UserError
@@ -133,6 +134,7 @@ def concat_caches(inputs: list[str], output: str) -> Cache:
     stored = dict(zarr.open_group(str(staging), mode="r").attrs)
     pq.write_table(manifest_table(rows, stored), staging / MANIFEST_FILE,
                    write_page_checksum=True)
+    (staging / README_FILE).write_text(render_readme(CacheCard.from_attrs(stored), rows))
     (staging / COMPLETE_FILE).write_bytes(canonical_json(complete_record(rows)))
     if out.exists():
         out.rmdir()  # empty (checked above)

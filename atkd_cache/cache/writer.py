@@ -44,6 +44,7 @@ from atkd_cache.cache.integrity import (
     meta_sha256,
 )
 from atkd_cache.cache.reader import read_manifest
+from atkd_cache.cache.readme import README_FILE, render_readme
 from atkd_cache.cache.schema import (
     CHUNK_ROWS,
     COMPLETE_FILE,
@@ -480,8 +481,10 @@ class CacheWriter:
         with self._merge_lock():
             # complete.json first, then parts/ goes: a kill in between leaves a complete
             # cache with a leftover folder, never a finished one that looks unfinished.
-            record = canonical_json(complete_record(prefix[:num_shards]))
-            self._put_bytes(record, COMPLETE_FILE)
+            rows = prefix[:num_shards]
+            card = CacheCard.from_attrs(self._stored_card(), where=self.url)
+            self._put_bytes(render_readme(card, rows).encode(), README_FILE)
+            self._put_bytes(canonical_json(complete_record(rows)), COMPLETE_FILE)
             self._rm(PARTS_DIR)
         return True
 
