@@ -53,3 +53,32 @@ def dump(assets, out, shape="text", model="llama", **overrides):
     return dump_teacher(
         DumpConfig(model=assets[model], data=spec, output=str(out), **cfg), log=lambda m: None
     )
+
+
+SEQ_LEN = 24  # hf_cache's sequences are all this long: train-student's micro-batches are B rows
+
+
+@pytest.fixture(scope="session")
+def hf_cache(assets, tmp_path_factory):
+    """A cache (>= 4 shards) of 32 prompt/response pairs of equal length; a random Llama
+    student with the teacher's tokenizer."""
+    import json
+
+    from atkd_cache import tiny
+
+    root = tmp_path_factory.mktemp("hf")
+    # Prompts of 1-7 words before long responses: every sequence is cut to SEQ_LEN tokens,
+    # and the supervised (response) positions per sequence vary, so micro-batches differ in
+    # size and their token weighting matters.
+    sents = tiny.synthetic_sentences(32 * 6, seed=3)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps({
+        "prompt": " ".join(sents[6 * i].split()[: 1 + i % 7]),
+        "response": " ".join(sents[6 * i + 1: 6 * i + 6])}) + "\n" for i in range(32)))
+    cache = root / "cache"
+    dump({**assets, "prompt_response": str(data)}, cache, shape="prompt_response",
+         max_length=SEQ_LEN, shard_positions=120)
+    student = str(root / "student")  # another random Llama with the teacher's tokenizer
+    tiny.build_tokenizer(student)
+    tiny.build_model(student, assets["vocab"], arch="llama", seed=1)
+    return {"cache": str(cache), "student": student, "root": root}

@@ -60,3 +60,42 @@ def test_third_party_reading_example_sampled_packed(assets, tmp_path):
     assert len(scope["ids"]) == len(first.target_ids)
     np.testing.assert_array_equal(np.concatenate(scope["ids"]), first.sample_ids)
     assert all(abs(w.sum() - 1) < 1e-12 for w in scope["weights"])
+
+
+INTEGRATIONS = DOC.parent / "integrations.md"
+
+
+def test_integrations_page_runs(hf_cache, tmp_path):
+    """Every python block of docs/integrations.md, in order, on a real cache and student; the
+    torchrun script under torchrun with 2 processes; the export command."""
+    import os
+    import subprocess
+    import sys
+
+    text = INTEGRATIONS.read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)
+    script = [c for c in code if 'os.environ.get("CACHE"' in c]
+    assert len(code) == 5 and len(script) == 1
+    scope = {"CACHE": hf_cache["cache"], "STUDENT": hf_cache["student"], "OUT": str(tmp_path)}
+    for block in code:
+        if block not in script:
+            exec(compile(block, str(INTEGRATIONS), "exec"), scope)
+    assert scope["trainer"].state.global_step == 2  # the TRL block ran last
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CACHE": hf_cache["cache"],
+           "STUDENT": hf_cache["student"], "OUT": str(tmp_path)}
+    (tmp_path / "train_kd.py").write_text(script[0])
+    launch = re.search(r"^(torchrun .*?) +#", text, re.M).group(1).split()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch[1:3],
+                           "--master_port", "29563", str(tmp_path / "train_kd.py")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train_runtime" in done.stdout + done.stderr
+
+    export = re.search(r"^atkd-cache export .*$", text, re.M).group(0).split()
+    export = [hf_cache["cache"] if a == "CACHE" else a for a in export[1:]]
+    export[-1] = str(tmp_path / "axolotl-kd")
+    done = subprocess.run([sys.executable, "-m", "atkd_cache.cli.main", *export,
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "kd_temperature: 1.0" in done.stdout, done.stderr

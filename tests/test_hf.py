@@ -16,36 +16,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atkd_cache import tiny
 from atkd_cache.cache.reader import open_cache
 from atkd_cache.hf import KDCollator, KDTrainer, cache_dataset
 from atkd_cache.losses.kd import LossConfig
 from atkd_cache.train.loader import LoaderConfig, collate
 from atkd_cache.train.trainer import TrainConfig, train
-from conftest import dump
-
-SEQ_LEN = 24  # every sequence truncated to this: train-student's micro-batches are then B rows
+from conftest import SEQ_LEN
 
 
-@pytest.fixture(scope="module")
-def hf(assets, tmp_path_factory):
-    """A 4-shard cache of 32 prompt/response pairs of equal length; a random Llama student."""
-    root = tmp_path_factory.mktemp("hf")
-    # Prompts of 1-7 words before long responses: every sequence is cut to SEQ_LEN tokens,
-    # and the supervised (response) positions per sequence vary, so micro-batches differ in
-    # size and their token weighting matters.
-    sents = tiny.synthetic_sentences(32 * 6, seed=3)
-    data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps({
-        "prompt": " ".join(sents[6 * i].split()[: 1 + i % 7]),
-        "response": " ".join(sents[6 * i + 1: 6 * i + 6])}) + "\n" for i in range(32)))
-    cache = root / "cache"
-    dump({**assets, "prompt_response": str(data)}, cache, shape="prompt_response",
-         max_length=SEQ_LEN, shard_positions=120)
-    student = str(root / "student")  # another random Llama with the teacher's tokenizer
-    tiny.build_tokenizer(student)
-    tiny.build_model(student, assets["vocab"], arch="llama", seed=1)
-    return {"cache": str(cache), "student": student, "root": root}
+@pytest.fixture
+def hf(hf_cache):
+    return hf_cache
 
 
 def training_args(out, **kw):

@@ -119,6 +119,15 @@ CASES = {
                              "manifest.parquet is missing but shards/ holds"),
     "verify/manifest-lost-rows": (lambda w: ["verify", str(w["p"] / "lost-rows")],
                                   "shards but the manifest lists"),
+    "export/output-not-empty": (lambda w: ["export", "--format", "axolotl", str(w["p"] / "cache"),
+                                            "-o", str(w["p"] / "not-a-cache")],
+                                "is not empty: give a new folder"),
+    "export/partial-input": (lambda w: ["export", "--format", "axolotl", str(w["p"] / "partial"),
+                                        "-o", str(w["p"] / "x1")],
+                             "export a finished cache"),
+    "export/damaged-input": (lambda w: ["export", "--format", "axolotl", str(w["p"] / "damaged"),
+                                        "-o", str(w["p"] / "x2"), "--no-progress"],
+                             "shard-000001/topk_logprobs: differs from its sha256"),
     "concat/one-input": (lambda w: ["concat", str(w["p"] / "cache"), "-o", str(w["p"] / "j1")],
                          "concat needs at least two caches"),
     "concat/output-is-file": (lambda w: ["concat", str(w["p"] / "cache"), str(w["p"] / "cache"),
@@ -205,6 +214,9 @@ def test_nothing_half_written_by_the_failures(w):
     p = w["p"]
     for name in ("o1", "o2", "o3", "o4", "o5", "o6", "j1", "j2", "j3", "j4", "s1", "s2"):
         assert not (p / name / "manifest.parquet").exists() and not (p / name / "model").exists()
+    for name in ("x1", "x2"):  # export: the folder appears complete or not at all
+        assert not (p / name).exists()
+    assert not [n for n in os.listdir(p) if n.startswith(".atkd-export-")]
     assert not (p / "r3" / "model").exists()  # training stopped at the damaged shard
     assert sorted(os.listdir(p / "not-a-cache")) == ["notes.txt"]
     assert not os.path.exists("/sys/atkd-cache-test")

@@ -137,6 +137,9 @@ def export_axolotl(cache_path: str, output: str, align: str = "next", check: boo
     if os.path.exists(output) and os.listdir(output):
         raise UserError(f"export folder {output} is not empty: give a new folder")
     cache = open_cache(cache_path, check=check)
+    if cache.status == "partial":
+        raise UserError(f"{cache_path} is {cache.status_line()}: export a finished cache; let "
+                        f"its dump finish first")
     if cache.card.mode != "topk":
         raise UserError(f"cache {cache_path} is a {cache.card.mode} cache: axolotl's KD format "
                         "holds top-k log-probs; export a top-k cache (dump with --mode topk)")
