@@ -64,6 +64,18 @@ def test_collator_is_the_loaders_collation(hf):
         assert torch.equal(flat[mine["rows"] + 1], mine["target_ids"])
 
 
+def test_collator_says_when_a_trainer_dropped_the_teacher_columns(hf):
+    from transformers import Trainer
+
+    from atkd_cache.errors import UserError
+
+    dataset = cache_dataset(hf["cache"], streaming=False, cache_dir=str(hf["root"] / "hfc"))
+    plain = Trainer(model=student(hf["student"]), args=training_args(hf["root"] / "plain"),
+                    train_dataset=dataset, data_collator=KDCollator())
+    with pytest.raises(UserError, match="a Trainer dropped them as unused; use atkd_cache"):
+        plain.train()
+
+
 def test_streaming_view_covers_each_position_once_across_ranks_and_workers(hf):
     from datasets.distributed import split_dataset_by_node
     from torch.utils.data import DataLoader

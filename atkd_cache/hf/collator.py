@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from atkd_cache.cache.reader import CachedSequence
+from atkd_cache.errors import UserError
 from atkd_cache.hf.dataset import IGNORE_INDEX
 from atkd_cache.train.loader import collate
 
@@ -54,6 +55,13 @@ class KDCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """The micro-batch of `features` (rows of the datasets view)."""
+        lacking = [c for c in ("input_ids", "labels", "target_logprob", "hard")
+                   if c not in features[0]]
+        if lacking or not ({"topk_ids", "sample_ids"} & set(features[0])):
+            raise UserError(
+                f"KDCollator got rows without the cache's columns {lacking or ['topk_ids']}: "
+                "a Trainer dropped them as unused; use atkd_cache.hf.KDTrainer (or "
+                "KDLossMixin), or TrainingArguments(remove_unused_columns=False)")
         seqs = [row_sequence(f) for f in features]
         batch = collate(seqs, self.pack)
         labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX, dtype=torch.int64)
