@@ -230,6 +230,8 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.0, show_default=True,
+              help="Warmup as a share of the run's steps (when --warmup-steps is 0).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Max grad norm; 0=off.")
 @click.option("--max-steps", type=int, default=None)

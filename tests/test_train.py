@@ -132,6 +132,10 @@ def test_lr_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    ratio = TrainConfig(cache="", student="", output="", lr=1.0, warmup_ratio=0.03,
+                        min_lr_ratio=0.0, max_steps=100)  # the paper's 3 % warmup
+    assert [lr_at(s, ratio, 100) for s in range(4)] == [1 / 3, 2 / 3, 1.0, pytest.approx(1.0)]
+    assert lr_at(100, ratio, 100) == pytest.approx(0.0)
 
 
 def test_training_run_outputs_and_learns(setup, tmp_path):
@@ -178,7 +182,7 @@ def test_cache_metrics_match_direct_computation(setup):
     model = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
     got = cache_metrics(model, setup["cache"], batch_tokens=500)
     cache = open_cache(setup["cache"])
-    nll, agree, correct, conf, t_nll = [], [], [], [], []
+    nll, agree, correct, conf, t_nll, kl, hard = [], [], [], [], [], [], []
     with torch.no_grad():
         for seq in cache:
             logits = model(torch.from_numpy(seq.input_ids.astype(np.int64))[None]).logits[0]
@@ -190,7 +194,24 @@ def test_cache_metrics_match_direct_computation(setup):
             correct += (pred == target).tolist()
             conf += rows.max(-1).values.exp().tolist()
             t_nll += (-seq.target_logprob.astype(np.float64)).tolist()
+            hard += seq.hard.tolist()
+            for j in range(len(target)):  # KL over top-k ∪ {target} + one tail bucket
+                ids = list(dict.fromkeys([*seq.topk_ids[j].tolist(), int(target[j])]))
+                lp = {int(i): float(v) for i, v in zip(seq.topk_ids[j], seq.topk_logprobs[j],
+                                                       strict=True)}
+                lp[int(target[j])] = float(seq.target_logprob[j])
+                p = np.exp([lp[i] for i in ids])
+                q = rows[j, ids].exp().numpy()
+                p_tail, q_tail = max(1 - p.sum(), 0.0), max(1 - q.sum(), 1e-300)
+                kl.append(float((p * (np.log(p) - np.log(q))).sum()
+                                + (p_tail * np.log(p_tail / q_tail) if p_tail > 0 else 0.0)))
     s = got["student"]
+    hard = np.array(hard, dtype=bool)
+    assert 0 < hard.sum() < len(hard)
+    assert s["kl_hard"] == pytest.approx(np.mean(np.array(kl)[hard]), rel=1e-3)
+    assert s["kl_easy"] == pytest.approx(np.mean(np.array(kl)[~hard]), rel=1e-3)
+    assert s["kl_to_teacher"] == pytest.approx(np.mean(kl), rel=1e-3)
+    assert s["nll_hard"] == pytest.approx(np.mean(np.array(nll)[hard]), rel=1e-5)
     assert got["tokens"] == cache.num_supervised
     assert s["nll"] == pytest.approx(np.mean(nll), rel=1e-5)
     assert s["top1_agreement"] == pytest.approx(np.mean(agree))

@@ -5,6 +5,7 @@ On the cache's supervised tokens:
   top1_agreement     argmax q == the teacher's top-1 id
   kl_to_teacher      bucketed KL(p || q) over top-k ∪ {target} + tail (a lower bound of the
                      full KL, exact when the cache holds the whole vocabulary; docs/losses.md)
+  *_easy / *_hard    nll and kl over the cache's easy and hard tokens (its `hard` labels)
   accuracy / ece     top-1 accuracy against y_t and its expected calibration error
                      (15 equal-width confidence bins, weighted by bin size)
 The teacher's own nll, accuracy and ECE come from the cache itself (its target log-prob and
@@ -25,7 +26,7 @@ import torch
 
 from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
-from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
+from atkd_cache.losses.kd import LossConfig, SparseTeacher, row_terms
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_device
 from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader, raise_on_error
 from atkd_cache.train.student import RowLogits, check_ids
@@ -57,23 +58,27 @@ class _Tally:
     correct: list
     agree: list
     hard: list
+    kl: list
 
     @classmethod
     def empty(cls) -> _Tally:
-        return cls([], [], [], [], [])
+        return cls([], [], [], [], [], [])
 
-    def add(self, nll, conf, correct, agree, hard) -> None:
+    def add(self, nll, conf, correct, agree, hard, kl) -> None:
         for store, value in zip(
-            (self.nll, self.conf, self.correct, self.agree, self.hard),
-            (nll, conf, correct, agree, hard), strict=True,
+            (self.nll, self.conf, self.correct, self.agree, self.hard, self.kl),
+            (nll, conf, correct, agree, hard, kl), strict=True,
         ):
             store.append(value.detach().float().cpu().numpy())
 
     def summary(self) -> dict[str, float]:
-        nll, conf, correct, agree, hard = (np.concatenate(x) for x in (
-            self.nll, self.conf, self.correct, self.agree, self.hard))
+        nll, conf, correct, agree, hard, kl = (np.concatenate(x) for x in (
+            self.nll, self.conf, self.correct, self.agree, self.hard, self.kl))
         hard = hard.astype(bool)
         return {
+            "kl_to_teacher": float(kl.mean()),
+            "kl_hard": float(kl[hard].mean()) if hard.any() else float("nan"),
+            "kl_easy": float(kl[~hard].mean()) if (~hard).any() else float("nan"),
             "nll": float(nll.mean()),
             "perplexity": float(math.exp(nll.mean())),
             "nll_hard": float(nll[hard].mean()) if hard.any() else float("nan"),
@@ -105,7 +110,7 @@ def cache_metrics(
     dataset = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, shuffle=False,
                                                num_workers=0))
     student, teacher = _Tally.empty(), _Tally.empty()
-    kl_sum, tokens, sequences = 0.0, 0, 0
+    tokens, sequences = 0, 0
     dev = torch.device(device)
     for batch in raise_on_error(make_loader(dataset)):
         if limit is not None and sequences >= limit:
@@ -117,18 +122,16 @@ def cache_metrics(
         top, pred = logits.max(dim=-1)
         target_logit = logits.gather(1, t.target_ids[:, None])[:, 0]
         top1_id, top1_p = teacher_top1(t)
+        kl = row_terms(logits, t, LossConfig(loss="kd", base="fkl"))["fkl"]
         student.add(lse - target_logit, torch.exp(top - lse), pred == t.target_ids,
-                    pred == top1_id, t.hard)
+                    pred == top1_id, t.hard, kl)
         teacher.add(-t.target_logprob, top1_p, top1_id == t.target_ids,
-                    torch.ones_like(t.hard), t.hard)
-        n = logits.shape[0]
-        kl_sum += float(kd_loss(logits, t, LossConfig(loss="kd", base="fkl")).parts["fkl"]) * n
-        tokens += n
+                    torch.ones_like(t.hard), t.hard, torch.zeros_like(kl))
+        tokens += logits.shape[0]
         sequences += len(batch["seq_index"])
     if tokens == 0:
         return {"tokens": 0}
-    out_student = {**student.summary(), "kl_to_teacher": kl_sum / tokens}
-    out_teacher = {**teacher.summary(), "kl_to_teacher": 0.0}
+    out_student, out_teacher = student.summary(), teacher.summary()
     return {"tokens": tokens, "sequences": sequences, "student": out_student,
             "teacher": out_teacher, "cache_status": dataset.cache.status_line()}
 

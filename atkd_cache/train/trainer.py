@@ -65,6 +65,7 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a share of the run's steps (used if warmup_steps is 0)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_accum: int = 1
@@ -111,10 +112,11 @@ class TrainConfig:
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at `total`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
