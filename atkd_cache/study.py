@@ -71,10 +71,10 @@ class StudyConfig:
 
     workdir: str = "runs/study"
     layers: str = "10"
-    heal_conversations: int = 900
+    heal_conversations: int = 1500
     heal_epochs: int = 1
     heal_lr: float = 1e-3
-    train_conversations: int = 64
+    train_conversations: int = 96
     val_conversations: int = 24
     test_conversations: int = 100
     max_messages: int = 6
@@ -84,7 +84,7 @@ class StudyConfig:
     batch_tokens: int = 2048
     gen_prompts: int = 100
     max_new_tokens: int = 32
-    lrs: list[float] = field(default_factory=lambda: [2e-4, 1e-3])
+    lrs: list[float] = field(default_factory=lambda: [5e-5, 1.5e-4, 4.5e-4])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 
@@ -129,9 +129,15 @@ def run_key(arm: str, lr: float, seed: int) -> str:
     return f"{arm}/lr{lr:g}/seed{seed}"
 
 
-def write_data(cfg: StudyConfig) -> dict[str, str]:
+def write_data(cfg: StudyConfig, teacher: str) -> dict[str, str]:
     """Disjoint slices of chitchat: test from the end; train, validation, then the healing
-    text from the start (in that order, so no conversation is in two of them)."""
+    text from the start (in that order, so no conversation is in two of them). The healing
+    text is each conversation rendered through the chat template as plain text, every token
+    a target: general language plus the turn format, so the healed student can reply (healed
+    on the bare text, it answered every test prompt with an empty reply)."""
+    from atkd_cache.models import load_tokenizer
+
+    tokenizer = load_tokenizer(teacher)
     folder = os.path.join(cfg.workdir, "data")
     os.makedirs(folder, exist_ok=True)
     chats = [c for c in (assets.to_chat(x, cfg.max_messages)
@@ -149,8 +155,9 @@ def write_data(cfg: StudyConfig) -> dict[str, str]:
         paths[name] = _write_jsonl(os.path.join(folder, f"{name}-{len(rows)}.jsonl"),
                                    [{"messages": m} for m in rows])
     heal = chats[n_train + n_val:n_train + n_val + n_heal]
-    paths["heal"] = _write_jsonl(os.path.join(folder, f"heal-{len(heal)}.jsonl"),
-                                 [{"text": "\n".join(m["content"] for m in c)} for c in heal])
+    paths["heal"] = _write_jsonl(os.path.join(folder, f"heal-templated-{len(heal)}.jsonl"),
+                                 [{"text": tokenizer.apply_chat_template(c, tokenize=False)}
+                                  for c in heal])
     return paths
 
 
@@ -193,9 +200,9 @@ def build_student(cfg: StudyConfig, teacher: str, data: dict[str, str], caches, 
     if not os.path.exists(os.path.join(cut, "config.json")):
         kept = init_student(teacher, cfg.layers, cut)
         log(f"  kept layers {kept}")
-    healed = os.path.join(cfg.workdir, f"student-{cfg.layers}L-healed-{cfg.heal_conversations}")
+    healed = os.path.join(cfg.workdir, f"student-{cfg.layers}L-healed-templated-{cfg.heal_conversations}")
     if not os.path.exists(os.path.join(healed, "model", "config.json")):
-        heal_cache = os.path.join(cfg.workdir, f"cache-heal-{cfg.heal_conversations}")
+        heal_cache = os.path.join(cfg.workdir, f"cache-heal-templated-{cfg.heal_conversations}")
         dump_teacher(DumpConfig(
             model=teacher, data=DataSpec(source=data["heal"], text_field="text",
                                          max_length=cfg.max_length),
@@ -402,7 +409,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     done(1, t)
     t = time.perf_counter()
     stage(2, "data: disjoint chitchat slices (train, validation, test, healing text)")
-    data = write_data(cfg)
+    data = write_data(cfg, teacher)
     done(2, t)
     t = time.perf_counter()
     stage(3, "caches: the teacher over train, validation and test")

@@ -1,0 +1,50 @@
+"""The study (atkd_cache/study.py) end to end at smoke size on the real teacher and data:
+every stage runs, the student is a healed (pretrained) one, every arm's student moves
+towards the teacher from that start, the results file is complete, and a re-run continues
+from the results instead of training again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from atkd_cache.study import ARMS, SMOKE, StudyConfig, run_study
+
+
+@pytest.mark.slow
+def test_study_smoke_on_real_assets(tmp_path):
+    cfg = StudyConfig(**{**SMOKE, "workdir": str(tmp_path)})
+    lines: list[str] = []
+    summary = run_study(cfg, log=lines.append)
+    doc = json.load(open(tmp_path / "results.json"))
+
+    student = doc["student"]["test"]  # healing made a language model of the cut network
+    assert student["healed"]["nll"] < student["cut"]["nll"] - 3
+    assert student["teacher"]["nll"] < student["healed"]["nll"]
+
+    assert set(summary["table"]) == set(ARMS)
+    start = student["healed"]
+    for arm, spec in ARMS.items():
+        run = doc["runs"][f"{arm}/lr{cfg.lrs[0]:g}/seed0"]
+        assert run["steps"] > 0 and run["loss"] == spec and run["epochs"] == cfg.epochs
+        test = run["test"]
+        assert {"nll", "top1_agreement", "ece", "rouge_l", "nll_easy", "nll_hard", "kl_easy",
+                "kl_hard"} <= set(test)
+        assert test["kl_to_teacher"] < start["kl_to_teacher"], arm
+        if spec.get("base") != "rkl":
+            assert test["nll"] < start["nll"], arm
+        # Reverse KL is mode-seeking: at this size it moves the student towards the
+        # teacher (KL above) while the NLL of the reference tokens may rise (measured:
+        # 7.97 -> 8.03 for rkl), so only the KL is asserted for it.
+    assert set(summary["paired_vs_kd"]) == {a for a in ARMS if a.startswith("atkd")}
+    for name in ("study.md", "study.png", "curves.png"):
+        assert os.path.getsize(tmp_path / name) > 1000, name
+
+    before = os.path.getmtime(tmp_path / "results.json")
+    again: list[str] = []
+    run_study(cfg, log=again.append)  # everything is done: nothing trains again
+    assert not any(": val NLL" in line or "/seed0: test NLL" in line for line in again)
+    assert any("/seed0: test NLL" in line for line in lines)
+    assert os.path.getmtime(tmp_path / "results.json") >= before
