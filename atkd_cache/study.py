@@ -200,7 +200,8 @@ def build_student(cfg: StudyConfig, teacher: str, data: dict[str, str], caches, 
     if not os.path.exists(os.path.join(cut, "config.json")):
         kept = init_student(teacher, cfg.layers, cut)
         log(f"  kept layers {kept}")
-    healed = os.path.join(cfg.workdir, f"student-{cfg.layers}L-healed-templated-{cfg.heal_conversations}")
+    healed = os.path.join(
+        cfg.workdir, f"student-{cfg.layers}L-healed-templated-{cfg.heal_conversations}")
     if not os.path.exists(os.path.join(healed, "model", "config.json")):
         heal_cache = os.path.join(cfg.workdir, f"cache-heal-templated-{cfg.heal_conversations}")
         dump_teacher(DumpConfig(
