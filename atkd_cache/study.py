@@ -355,7 +355,7 @@ def format_report(summary: dict, student: dict, cfg: StudyConfig) -> str:
         cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in METRICS]
         lines.append(f"| {arm} | {summary['best_lr'][arm]:g} | " + " | ".join(cells) + " |")
     if summary["paired_vs_kd"]:
-        lines += ["", f"Paired differences arm − KD over {len(cfg.seeds)} seeds (mean [95 % "
+        lines += ["", f"Paired differences arm − KD over {len(cfg.seeds)} seed(s) (mean [95 % "
                   "interval]; negative NLL/ECE/KL and positive agreement/ROUGE-L favour the "
                   "arm):", "", "| arm − KD | " + " | ".join(names[m] for m in METRICS) + " |",
                   "|---|" + "---|" * len(METRICS)]
