@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # End to end on the real assets: students trained from a sampled N=12 packed cache vs the
-# top-32 cache of the same data (the pipeline's), same student, settings and seeds; evaluated
-# on the pipeline's held-out top-32 cache. Run `scripts/demo --train-conversations 200
-# --seeds 0,1,2` first (it makes runs/pipeline: teacher, data, caches, student, top-32 runs).
+# top-32 cache of the same data, same student, settings and seeds; evaluated on a held-out
+# top-32 cache. The teacher, data, top-32 caches and 6-layer student are made here under
+# runs/pipeline (the layout of the former pipeline demo, whose top-32 runs docs/benchmarks.md
+# compares against).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=runs/sampled-e2e
-T=runs/pipeline/assets/smollm2-135m-instruct-fp32
+P=runs/pipeline
 CLI=.venv/bin/atkd-cache
+T=$(.venv/bin/python -c "
+from atkd_cache import assets
+assets.write_chitchat_chats('$P/data/train-200.jsonl', 200)
+assets.write_chitchat_chats('$P/data/heldout-40.jsonl', 40, from_end=True)
+print(assets.smollm2_folder('$P/assets', dtype='fp32'))")
+for split in train-200 heldout-40; do
+  $CLI dump-teacher --model $T --data $P/data/$split.jsonl --messages-field messages \
+    --max-length 256 --top-k 32 --batch-tokens 4096 --no-progress \
+    -o $P/cache-${split%-*}-$split > /dev/null
+done
+[ -f $P/student-6L/config.json ] || $CLI init-student --from $T --layers 6 -o $P/student-6L
 $CLI dump-teacher --model $T --data runs/pipeline/data/train-200.jsonl --messages-field messages \
   --max-length 256 --mode sampled --num-samples 12 --encoding packed --batch-tokens 4096 \
   --no-progress -o $W/cache-sampled12
