@@ -14,6 +14,7 @@ clear error naming the cache, shard and array.
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -72,8 +73,10 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
     fs, base = fsspec.core.url_to_fs(str(path))
     where = _join(base, MANIFEST_FILE)
     try:
-        with fs.open(where, "rb") as f:
-            table = pq.read_table(f, page_checksum_verification=True)
+        # one GET (not ranged reads): a writer may replace the manifest meanwhile, and an
+        # object store then fails the second read on the changed ETag
+        data = fs.cat_file(where)
+        table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
         table.column_names, table.to_pylist()  # a damaged file can fail only when decoded
         return table
     except FileNotFoundError:

@@ -200,9 +200,9 @@ class CacheWriter:
     def _read_parquet(self, *parts: str) -> list[dict]:
         where = "/".join(parts)
         try:
-            if self.remote:
-                with self.fs.open("/".join([self.base, *parts]), "rb") as f:
-                    return pq.read_table(f).to_pylist()
+            if self.remote:  # one GET: another rank may replace the object between the
+                # ranged reads of fs.open (s3fs then fails on the changed ETag)
+                return pq.read_table(io.BytesIO(self._read_bytes(*parts))).to_pylist()
             return pq.read_table(self.root.joinpath(*parts)).to_pylist()
         except (pa.ArrowException, OSError, ValueError) as e:
             raise UserError(f"{self.url}: {where} is unreadable ({first_line(e)}): delete it "
