@@ -218,3 +218,25 @@ def test_ce_loss_and_ce_weight():
     kd = kd_loss(logits, sparse, LossConfig(loss="kd")).loss
     both = kd_loss(logits, sparse, LossConfig(loss="kd", ce_weight=0.5)).loss
     torch.testing.assert_close(both, kd + 0.5 * ce)
+
+
+@pytest.mark.parametrize("loss", ["kd", "atkd"])
+def test_rounded_topk_summing_to_one_keeps_reverse_kl_finite(loss):
+    """A confident teacher's rounded top-k can sum to >= 1: the cached tail is then empty,
+    and reverse KL over a zero teacher mass is inf (NaN gradients, then NaN weights: seen in
+    the study). The empty tail takes no part; the value equals the dense formula over the
+    support."""
+    logits, _, _, sparse = make_case(n=6, v=30, k=4, seed=7)
+    sparse.target_ids = sparse.topk_ids[:, 0].clone()
+    rounded = torch.tensor([-0.0004, -8.5, -9.0, -9.5], dtype=torch.float64)  # sum(p) > 1
+    sparse.topk_logprobs[:] = rounded
+    sparse.target_logprob = rounded[0].expand(6).clone()
+    x = logits.clone().requires_grad_(True)
+    out = kd_loss(x, sparse, LossConfig(loss=loss, base="rkl"))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
+    if loss == "kd":  # dense reverse KL over the 4 ids (the empty tail left out)
+        qs = torch.softmax(logits, -1).gather(1, sparse.topk_ids)
+        p = rounded.exp().expand(6, 4)
+        want = (qs * (qs.log() - p.log())).sum(1)
+        assert out.loss.item() == pytest.approx(want.mean().item(), rel=1e-6)

@@ -150,9 +150,13 @@ def bucketize(
         covered = torch.exp(torch.logsumexp(lp_support.double(), dim=1)).clamp(max=1.0)
         lp_tail = torch.log1p(-covered).to(work)  # the teacher's cached tail: 1 - sum
         lp_tail = torch.where(tail_exists, lp_tail, neg_inf)
+        # A softmax tail is never empty, but a confident teacher's rounded log-probs can sum
+        # to 1: the tail column then takes no part (a zero teacher mass where the student has
+        # some would make reverse KL and its gradient inf; forward KL ignores it anyway).
+        tail_valid = tail_exists & torch.isfinite(lp_tail)
         teacher = torch.cat([lp_support, lp_tail[:, None]], dim=1)
         student = torch.cat([lq_support, lq_tail[:, None]], dim=1)
-        valid = torch.cat([valid, tail_exists[:, None]], dim=1)
+        valid = torch.cat([valid, tail_valid[:, None]], dim=1)
     else:
         teacher = lp_support - torch.logsumexp(lp_support, dim=1, keepdim=True)
         student = lq_support - torch.logsumexp(lq_support, dim=1, keepdim=True)
