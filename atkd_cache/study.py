@@ -170,16 +170,20 @@ def _write_jsonl(path: str, rows: list[dict]) -> str:
     return path
 
 
+def _dump(cfg: StudyConfig, teacher: str, spec: DataSpec, out: str) -> None:
+    """The teacher's top-k over some data (continues an interrupted dump of the same)."""
+    dump_teacher(DumpConfig(model=teacher, data=spec, output=out, top_k=cfg.top_k,
+                            batch_tokens=4096, batch_size=None, progress=False),
+                 log=lambda m: None)
+
+
 def build_caches(cfg: StudyConfig, teacher: str, data: dict[str, str], log) -> dict[str, str]:
     """The teacher over the task's chats (a re-run continues an interrupted dump)."""
     caches = {}
     for name in ("train", "val", "test"):
         out = os.path.join(cfg.workdir, f"cache-{os.path.basename(data[name])[:-6]}")
-        dump_teacher(DumpConfig(
-            model=teacher, data=DataSpec(source=data[name], messages_field="messages",
-                                         max_length=cfg.max_length),
-            output=out, top_k=cfg.top_k, batch_tokens=4096, batch_size=None, progress=False,
-        ), log=lambda m: None)
+        _dump(cfg, teacher, DataSpec(source=data[name], messages_field="messages",
+                                     max_length=cfg.max_length), out)
         cache = open_cache(out)
         problems = verify_cache(cache)
         if problems:
@@ -204,12 +208,8 @@ def build_student(cfg: StudyConfig, teacher: str, data: dict[str, str], caches, 
         cfg.workdir, f"student-{cfg.layers}L-healed-templated-{cfg.heal_conversations}")
     if not os.path.exists(os.path.join(healed, "model", "config.json")):
         heal_cache = os.path.join(cfg.workdir, f"cache-heal-templated-{cfg.heal_conversations}")
-        dump_teacher(DumpConfig(
-            model=teacher, data=DataSpec(source=data["heal"], text_field="text",
-                                         max_length=cfg.max_length),
-            output=heal_cache, top_k=cfg.top_k, batch_tokens=4096, batch_size=None,
-            progress=False,
-        ), log=lambda m: None)
+        _dump(cfg, teacher, DataSpec(source=data["heal"], text_field="text",
+                                     max_length=cfg.max_length), heal_cache)
         t0 = time.perf_counter()
         s = train(TrainConfig(
             cache=heal_cache, student=cut, output=healed, epochs=cfg.heal_epochs,
@@ -218,6 +218,7 @@ def build_student(cfg: StudyConfig, teacher: str, data: dict[str, str], caches, 
             loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=0),
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
+        _drop_checkpoints(healed)
         results.doc["student"]["heal"] = {"steps": s["steps"], "tokens": s["tokens_seen"],
                                           "seconds": time.perf_counter() - t0}
         results.save()
@@ -249,6 +250,12 @@ def _resumable(out: str) -> bool:
     return os.path.isdir(out)
 
 
+def _drop_checkpoints(out: str) -> None:
+    """A finished run keeps its `model/` only: its checkpoints (weights + optimizer state,
+    ~0.7 GB for the 10-layer student) serve resuming, and 60 runs of them fill a disk."""
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+
+
 def train_arm(cfg: StudyConfig, arm: str, lr: float, seed: int, student: str, caches) -> dict:
     """One run of one arm: the paper's recipe at this lr and seed."""
     out = os.path.join(cfg.workdir, "runs", arm, f"lr{lr:g}-seed{seed}")
@@ -260,6 +267,7 @@ def train_arm(cfg: StudyConfig, arm: str, lr: float, seed: int, student: str, ca
             loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=0),  # one data order
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
+    _drop_checkpoints(out)
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     return {"out": out, "steps": summary.get("steps"), "loss": ARMS[arm], "lr": lr,

@@ -29,6 +29,7 @@ def test_study_smoke_on_real_assets(tmp_path):
     for arm, spec in ARMS.items():
         run = doc["runs"][f"{arm}/lr{cfg.lrs[0]:g}/seed0"]
         assert run["steps"] > 0 and run["loss"] == spec and run["epochs"] == cfg.epochs
+        assert not os.path.exists(os.path.join(run["out"], "checkpoints"))  # model/ only
         test = run["test"]
         assert {"nll", "top1_agreement", "ece", "rouge_l", "nll_easy", "nll_hard", "kl_easy",
                 "kl_hard"} <= set(test)

@@ -482,7 +482,7 @@ class CacheWriter:
             # complete.json first, then parts/ goes: a kill in between leaves a complete
             # cache with a leftover folder, never a finished one that looks unfinished.
             rows = prefix[:num_shards]
-            card = CacheCard.from_attrs(self._stored_card(), where=self.url)
+            card = CacheCard.from_attrs(self.card_attrs, where=self.url)
             self._put_bytes(render_readme(card, rows).encode(), README_FILE)
             self._put_bytes(canonical_json(complete_record(rows)), COMPLETE_FILE)
             self._rm(PARTS_DIR)

@@ -58,7 +58,7 @@ def features(mode: str, top_k: int):
 def labels_of(seq) -> np.ndarray:
     """[n] transformers labels: the token where position t - 1 predicts a supervised one."""
     labels = np.full(len(seq.input_ids), IGNORE_INDEX, dtype=np.int64)
-    labels[1:][seq.supervised] = seq.input_ids[1:][seq.supervised]
+    labels[1:][seq.supervised] = seq.target_ids
     return labels
 
 
