@@ -43,7 +43,7 @@ def test_study_smoke_on_real_assets(tmp_path):
             assert test["nll"] < start["nll"], arm
             assert test["kl_to_teacher"] < start["kl_to_teacher"], arm
     assert set(summary["paired_vs_kd"]) == {a for a in ARMS if a.startswith("atkd")}
-    for name in ("study.md", "study.png", "curves.png"):
+    for name in ("study.md", "study.png", "easy_hard.png", "curves.png"):
         assert os.path.getsize(tmp_path / name) > 1000, name
 
     before = os.path.getmtime(tmp_path / "results.json")

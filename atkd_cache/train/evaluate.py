@@ -242,16 +242,17 @@ def format_table(result: dict) -> str:
 PLOT_KEYS = ("loss", "ce", "lr", "grad_norm", "tokens_per_s")
 
 
-def plot_runs(run_dirs: list[str], output: str) -> str:
+def plot_runs(run_dirs: list[str], output: str, labels: list[str] | None = None) -> str:
     """PNG of training curves (loss, cross-entropy, lr, grad norm, tokens/s vs step) read from
-    each run's metrics.jsonl, one line per run."""
+    each run's metrics.jsonl, one line per run (labelled by its folder name unless given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4 * len(PLOT_KEYS), 3.2))
-    for run in run_dirs:
+    labels = labels or [os.path.basename(os.path.normpath(run)) for run in run_dirs]
+    for run, label in zip(run_dirs, labels, strict=True):
         path = os.path.join(run, "metrics.jsonl")
         if not os.path.exists(path):
             raise UserError(f"{run} has no metrics.jsonl: give a train-student output folder")
@@ -259,8 +260,7 @@ def plot_runs(run_dirs: list[str], output: str) -> str:
             records = [json.loads(line) for line in f if line.strip()]
         steps = [r["step"] for r in records]
         for ax, key in zip(axes, PLOT_KEYS, strict=True):
-            ax.plot(steps, [r.get(key, float("nan")) for r in records],
-                    label=os.path.basename(os.path.normpath(run)))
+            ax.plot(steps, [r.get(key, float("nan")) for r in records], label=label)
     for ax, key in zip(axes, PLOT_KEYS, strict=True):
         ax.set_title(key)
         ax.set_xlabel("step")
