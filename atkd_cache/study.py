@@ -267,7 +267,9 @@ def train_arm(cfg: StudyConfig, arm: str, lr: float, seed: int, student: str, ca
             cache=caches["train"], student=student, output=out, epochs=cfg.epochs, lr=lr,
             warmup_ratio=0.03, min_lr_ratio=0.0, seed=seed, resume=_resumable(out),
             loss=LossConfig(**ARMS[arm]),
-            loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=0),  # one data order
+            # The seed is the data order (the student has no dropout and a fixed start, so
+            # the order is the run's only randomness); every arm sees the same order per seed.
+            loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=seed),
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
     _drop_checkpoints(out)
