@@ -353,6 +353,17 @@ def _interval(diffs: list[float]) -> list[float]:
     return [mean, mean - half, mean + half]
 
 
+def format_grid(results: Results, cfg: StudyConfig) -> str:
+    """The learning-rate grid (validation NLL of every arm x lr, seed 0) as Markdown."""
+    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in cfg.lrs) + " | chosen |",
+             "|---|" + "---|" * (len(cfg.lrs) + 1)]
+    for arm in cfg.arms:
+        cells = [results.get(run_key(arm, lr, cfg.seeds[0]))["val"]["nll"] for lr in cfg.lrs]
+        lines.append(f"| {arm} | " + " | ".join(f"{c:.4f}" for c in cells)
+                     + f" | {results.doc['best_lr'][arm]:g} |")
+    return "\n".join(lines)
+
+
 def format_report(summary: dict, student: dict, cfg: StudyConfig) -> str:
     """The study's tables as Markdown."""
     names = {"nll": "test NLL", "top1_agreement": "top-1 agr.", "ece": "ECE",
@@ -478,7 +489,8 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     results.doc["summary"] = summary
     results.doc["seconds"] = sum(results.doc["stages"].values())
     results.save()
-    text = format_report(summary, results.doc["student"], cfg)
+    text = (format_report(summary, results.doc["student"], cfg)
+            + "\n\nLearning-rate grid (validation NLL, seed 0):\n\n" + format_grid(results, cfg))
     with open(os.path.join(cfg.workdir, "study.md"), "w") as f:
         f.write(text + "\n")
     if summary["paired_vs_kd"]:
