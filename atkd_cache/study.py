@@ -67,7 +67,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 @dataclass
 class StudyConfig:
-    """Sizes of the study; the defaults are sized for about 2 hours on 2 CPU cores."""
+    """Sizes of the study; the defaults take 2.1 hours on 2 CPU cores (docs/study.md)."""
 
     workdir: str = "runs/study"
     layers: str = "10"
