@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from atkd_cache.study import ARMS, SMOKE, StudyConfig, run_study
+from atkd_cache.study import ARMS, SMOKE, StudyConfig, run_study, train_arm
 
 
 @pytest.mark.slow
@@ -45,6 +45,16 @@ def test_study_smoke_on_real_assets(tmp_path):
     assert set(summary["paired_vs_kd"]) == {a for a in ARMS if a.startswith("atkd")}
     for name in ("study.md", "study.png", "easy_hard.png", "curves.png"):
         assert os.path.getsize(tmp_path / name) > 1000, name
+
+    # A seed must change the run: the student has no dropout and one start, so the seed is
+    # the data order (a pinned order once made seeds 1 and 2 copies of seed 0).
+    student = tmp_path / f"student-{cfg.layers}L-healed-templated-{cfg.heal_conversations}"
+    caches = {"train": str(tmp_path / f"cache-train-{cfg.train_conversations}")}
+    other = train_arm(cfg, "kd", cfg.lrs[0], 1, str(student / "model"), caches)
+    seed0 = doc["runs"][f"kd/lr{cfg.lrs[0]:g}/seed0"]["out"]
+    weights = [open(os.path.join(out, "model", "model.safetensors"), "rb").read()
+               for out in (seed0, other["out"])]
+    assert weights[0] != weights[1]
 
     before = os.path.getmtime(tmp_path / "results.json")
     again: list[str] = []
