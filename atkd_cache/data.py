@@ -90,8 +90,9 @@ class TokenizeStats:
     fingerprint: str = ""
 
 
-def load_rows(spec: DataSpec):
-    """Load the split as a `datasets.Dataset` (local file, save_to_disk folder, or hub name)."""
+def load_rows(spec: DataSpec, need_response: bool = True):
+    """Load the split as a `datasets.Dataset` (local file, save_to_disk folder, or hub name).
+    `need_response=False`: prompt-only rows are fine (the teacher writes the responses)."""
     import datasets
 
     src = spec.source
@@ -143,7 +144,8 @@ def load_rows(spec: DataSpec):
                 f"field {name!r} is not in dataset {src} (columns: "
                 f"{', '.join(ds.column_names)}); pick one with the --*-field options"
             )
-    if spec.shape == "prompt_response" and not (spec.prompt_field and spec.response_field):
+    if need_response and spec.shape == "prompt_response" and not (
+            spec.prompt_field and spec.response_field):
         raise UserError("prompt/response data needs both --prompt-field and --response-field")
     if spec.shape == "text" and not spec.text_field:
         if "text" not in ds.column_names:
@@ -220,9 +222,8 @@ def _prompt_response_example(
     return p + r, [False] * len(p) + [True] * len(r)
 
 
-def _chat_example(
-    tokenizer, row: dict, spec: DataSpec, seq_id: int
-) -> tuple[list[int], list[bool]]:
+def _messages(row: dict, spec: DataSpec, seq_id: int) -> list[dict]:
+    """A row's chat messages, checked to be a list of {role, content} strings."""
     messages = row[spec.messages_field]
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str)
@@ -233,6 +234,13 @@ def _chat_example(
             f"hold a list of {{role, content}} messages with string values, got "
             f"{str(messages)[:60]!r}"
         )
+    return messages
+
+
+def _chat_example(
+    tokenizer, row: dict, spec: DataSpec, seq_id: int
+) -> tuple[list[int], list[bool]]:
+    messages = _messages(row, spec, seq_id)
     render = tokenizer.apply_chat_template
     full = render(messages, tokenize=False)
     # Character spans of assistant turns: what the template adds for turn i, after the
@@ -278,6 +286,48 @@ def generation_prompts(rows, tokenizer, spec: DataSpec) -> list[tuple[list[int],
     if not pairs:
         raise UserError(f"{spec.source} has no example with a reply to score")
     return pairs
+
+
+def teacher_prompts(rows, tokenizer, spec: DataSpec) -> tuple[list[tuple[int, list[int]]], str]:
+    """The prompts the teacher answers in `dump-teacher --generate`, as (row index, token ids),
+    and their fingerprint: a prompt/response row's rendered prompt (its response field, if
+    any, is not used), or a conversation up to its last user turn with the chat template's
+    generation prompt. An empty prompt, or a conversation without a user turn, is refused."""
+    if spec.shape == "text":
+        raise UserError("--generate needs prompts: give --prompt-field (with --template) or "
+                        "--messages-field, not plain text")
+    if spec.shape == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template: give --messages-field only with a "
+                        "chat tokenizer, or use --prompt-field")
+    if spec.shape == "prompt_response" and not spec.prompt_field:
+        raise UserError("--generate with prompt/response data needs --prompt-field")
+    template = spec.template or DEFAULT_TEMPLATE
+    digest = hashlib.sha256()
+    out = []
+    for row_index, row in enumerate(rows):
+        if spec.shape == "chat":
+            messages = _messages(row, spec, row_index)
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if not users or not messages[users[-1]]["content"].strip():
+                raise UserError(f"{spec.source}: row {row_index} (counting from 0) has no "
+                                f"non-empty user turn to answer: fix or drop it")
+            text = tokenizer.apply_chat_template(
+                messages[: users[-1] + 1], tokenize=False, add_generation_prompt=True
+            )
+            ids = _encode(tokenizer, text, special=False)
+        else:
+            prompt = _text_field(row, spec.prompt_field, row_index, spec)
+            if not prompt.strip():
+                raise UserError(f"{spec.source}: row {row_index} (counting from 0) has an "
+                                f"empty prompt in field {spec.prompt_field!r}: fix or drop it")
+            ids = _encode(tokenizer, template.format(prompt=prompt), special=True)
+        if not ids:
+            raise UserError(f"{spec.source}: row {row_index} (counting from 0) renders to no "
+                            f"tokens: fix or drop it")
+        ids_np = np.asarray(ids, dtype=np.int64)
+        add_sequence(digest, row_index, ids_np, np.zeros(len(ids) - 1, dtype=bool))
+        out.append((row_index, ids))
+    return out, digest.hexdigest()
 
 
 SHAPES = {

@@ -20,17 +20,33 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from atkd_cache import __version__
 from atkd_cache.cache.schema import ENCODINGS, MAX_SAMPLES, MODES, CacheCard, SequenceRecord
 from atkd_cache.cache.writer import CacheWriter, committed_prefix
-from atkd_cache.data import DataSpec, TokenizedSequence, load_rows, tokenize_rows
+from atkd_cache.data import (
+    DataSpec,
+    TokenizedSequence,
+    TokenizeStats,
+    load_rows,
+    teacher_prompts,
+    tokenize_rows,
+)
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint, tokenizer_vocab_size, weights_hash
-from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_dtype
+from atkd_cache.models import (
+    eos_token_ids,
+    load_causal_lm,
+    load_tokenizer,
+    logits_width,
+    resolve_dtype,
+)
 from atkd_cache.paths import check_output_folder
 from atkd_cache.split import hard_labels_np
+from atkd_cache.teacher import Teacher
+from atkd_cache.teacher.generate import GenerationSpec, Prompt
 
 LABEL_RULE = "per-sequence: hard = UNC >= sorted_UNC[floor((n-1)(1-hard_ratio))]"
 LOGPROB_DTYPES = ("float16", "float32")
@@ -70,6 +86,14 @@ class DumpConfig:
     # data parallel: None = from the environment (torchrun's RANK/WORLD_SIZE, SLURM's)
     rank: int | None = None
     world_size: int | None = None
+    # --generate: the teacher writes the responses (teacher/generate.py)
+    generate: bool = False
+    num_responses: int = 1
+    gen_temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    greedy: bool = False
+    seed: int = 0  # seeds every reply's token choices, per (seed, seq_id)
 
 
 def rank_from_env() -> tuple[int, int, int]:
@@ -99,6 +123,7 @@ class DumpSummary:
     world_size: int = 1
     shards_committed: int = 0
     shards_total: int = 0
+    generated: bool = False  # truncated then counts this run's replies without an EOS
 
     @property
     def complete(self) -> bool:
@@ -118,8 +143,10 @@ class DumpSummary:
         return (
             f"cache: {self.sequences} sequences, {self.tokens} tokens ({self.supervised} "
             f"supervised), {self.bytes / 1e6:.2f} MB on disk, {per:.1f} bytes/supervised token; "
-            f"{self.new_sequences} sequences written in {self.seconds:.1f}s; "
-            f"{self.truncated} truncated, {self.dropped} without supervised tokens dropped"
+            f"{self.new_sequences} sequences written in {self.seconds:.1f}s; " + (
+                f"{self.truncated} of them without an EOS within --max-new-tokens"
+                if self.generated else
+                f"{self.truncated} truncated, {self.dropped} without supervised tokens dropped")
         )
 
 
@@ -135,6 +162,16 @@ def plan_windows(seqs: list[TokenizedSequence], shard_positions: int) -> list[tu
     if start < len(seqs):
         windows.append((start, len(seqs)))
     return windows
+
+
+def plan_prompt_windows(
+    num_prompts: int, num_responses: int, max_new_tokens: int, shard_positions: int
+) -> list[tuple[int, int]]:
+    """Windows of a generated cache, in reply (= cache sequence) indices: whole prompts, as
+    many as fill shard_positions if every reply ran to max_new_tokens (at least one)."""
+    per = max(1, shard_positions // (num_responses * max_new_tokens)) * num_responses
+    total = num_prompts * num_responses
+    return [(lo, min(total, lo + per)) for lo in range(0, total, per)]
 
 
 def length_batches(
@@ -171,7 +208,7 @@ def teacher_dtype(cfg: DumpConfig) -> str:
 
 def build_card(
     cfg: DumpConfig, width: int, revision: str | None, tokenizer, data_fingerprint: str,
-    planned_shards: int,
+    planned_shards: int, generation: GenerationSpec | None = None,
 ) -> CacheCard:
     """The cache card for this configuration."""
     spec = cfg.data
@@ -215,6 +252,7 @@ def build_card(
         sample_seed=cfg.sample_seed if sampled else 0,
         encoding=cfg.encoding,
         planned_shards=planned_shards,
+        generation=generation.card() if generation is not None else {},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     card.format_version = card.needed_version  # plain top-k caches stay readable by v1 tools
@@ -250,6 +288,16 @@ def validate(cfg: DumpConfig) -> None:
     rank, world, _ = resolve_rank(cfg)
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"rank {rank} of world size {world}: need 0 <= rank < world size")
+    if cfg.generate:
+        if cfg.num_responses < 1:
+            raise UserError(f"--num-responses must be at least 1, got {cfg.num_responses}")
+        if cfg.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+        if not cfg.greedy and cfg.gen_temperature <= 0:
+            raise UserError(f"--gen-temperature must be > 0 (or pass --greedy), got "
+                            f"{cfg.gen_temperature}")
+        if not 0.0 < cfg.top_p <= 1.0:
+            raise UserError(f"--top-p must be in (0, 1], got {cfg.top_p}")
 
 
 def resolve_rank(cfg: DumpConfig) -> tuple[int, int, int]:
@@ -283,6 +331,29 @@ def hf_window_outputs(
     return results
 
 
+def hf_window_generate(
+    model, prompts: list[Prompt], cfg: DumpConfig, spec: GenerationSpec, pad_id: int,
+    on_batch=None,
+) -> list[tuple[TokenizedSequence, dict]]:
+    """HF teacher replies for a window of prompts (batched by prompt length, whose padded
+    size counts max_new_tokens), with their captured arrays, in order."""
+    from atkd_cache.teacher.generate import generate_outputs
+
+    results: list[tuple | None] = [None] * len(prompts)
+    lengths = [len(p.input_ids) + spec.max_new_tokens for p in prompts]
+    sampled = cfg.mode == "sampled"
+    for batch in length_batches(lengths, cfg.batch_size, cfg.batch_tokens):
+        outs = generate_outputs(
+            model, [prompts[i] for i in batch], spec, 0 if sampled else cfg.top_k, pad_id,
+            cfg.num_samples if sampled else 0, cfg.sample_seed,
+        )
+        for i, o in zip(batch, outs, strict=True):
+            results[i] = o
+        if on_batch is not None:
+            on_batch(len(batch))
+    return results
+
+
 def records_for_window(
     seqs: list[TokenizedSequence], outputs: list[dict], hard_ratio: float
 ) -> list[SequenceRecord]:
@@ -301,8 +372,8 @@ def records_for_window(
     ]
 
 
-def load_teacher(cfg: DumpConfig, pad_id: int):
-    """(window_outputs(seqs, on_batch) -> per-sequence arrays, logits width, revision)."""
+def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None) -> Teacher:
+    """The configured backend behind the Teacher interface (teacher/__init__.py)."""
     if cfg.backend == "vllm":
         from atkd_cache.teacher.vllm import VllmTeacher
 
@@ -313,15 +384,47 @@ def load_teacher(cfg: DumpConfig, pad_id: int):
             max_num_batched_tokens=cfg.max_num_batched_tokens, enforce_eager=cfg.enforce_eager,
             trust_remote_code=cfg.trust_remote_code,
         )
-        return engine.outputs, engine.logits_width, None
+        return Teacher(score=engine.outputs,
+                       generate=lambda prompts, on_batch=None: engine.generate(
+                           prompts, spec, on_batch),
+                       logits_width=engine.logits_width)
     model = load_causal_lm(
         cfg.model, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code
     )
+    return Teacher(
+        score=lambda seqs, on_batch=None: hf_window_outputs(model, seqs, cfg, pad_id, on_batch),
+        generate=lambda prompts, on_batch=None: hf_window_generate(
+            model, prompts, cfg, spec, pad_id, on_batch),
+        logits_width=logits_width(model),
+        revision=getattr(model.config, "_commit_hash", None),
+    )
 
-    def window_outputs(seqs, on_batch=None):
-        return hf_window_outputs(model, seqs, cfg, pad_id, on_batch)
 
-    return window_outputs, logits_width(model), getattr(model.config, "_commit_hash", None)
+def generation_inputs(
+    cfg: DumpConfig, rows, tokenizer
+) -> tuple[list[Prompt], str, GenerationSpec]:
+    """The replies a --generate dump writes (num_responses per prompt, seq_id = row *
+    num_responses + response index), the prompts' fingerprint, and the generation spec.
+    A prompt that leaves no room for max_new_tokens within --max-length is refused."""
+    spec = GenerationSpec(
+        num_responses=cfg.num_responses, temperature=cfg.gen_temperature, top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, seed=cfg.seed,
+        eos_token_ids=eos_token_ids(cfg.model, tokenizer, cfg.revision),
+    )
+    prompts, fingerprint = teacher_prompts(rows, tokenizer, cfg.data)
+    limit = cfg.data.max_length
+    if limit is not None:
+        row, ids = max(prompts, key=lambda p: len(p[1]))
+        if len(ids) + cfg.max_new_tokens > limit:
+            raise UserError(
+                f"{cfg.data.source}: row {row} has a {len(ids)}-token prompt, which leaves no "
+                f"room for --max-new-tokens {cfg.max_new_tokens} within --max-length {limit}: "
+                f"raise --max-length, lower --max-new-tokens, or drop the long prompts"
+            )
+    n = cfg.num_responses
+    replies = [Prompt(row * n + r, np.asarray(ids, dtype=np.int64))
+               for row, ids in prompts for r in range(n)]
+    return replies, fingerprint, spec
 
 
 def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
@@ -337,23 +440,33 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
         isolate_rank(local_rank, cfg.tensor_parallel_size)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    rows = load_rows(cfg.data)
-    seqs, stats = tokenize_rows(rows, tokenizer, cfg.data)
+    rows = load_rows(cfg.data, need_response=not cfg.generate)
+    spec = None
+    if cfg.generate:  # items are replies to write; the cache's sequences come back with them
+        items, fingerprint, spec = generation_inputs(cfg, rows, tokenizer)
+        stats = TokenizeStats(fingerprint=fingerprint)
+        windows = plan_prompt_windows(len(items) // cfg.num_responses, cfg.num_responses,
+                                      cfg.max_new_tokens, cfg.shard_positions)
+    else:
+        items, stats = tokenize_rows(rows, tokenizer, cfg.data)
+        windows = plan_windows(items, cfg.shard_positions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    window_outputs, width, revision = load_teacher(cfg, pad_id)
+    teacher = load_teacher(cfg, pad_id, spec)
+    width = teacher.logits_width
     if cfg.top_k > width:
         raise UserError(
             f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({width} logits): lower it"
         )
-    too_big = max(int(s.input_ids.max()) for s in seqs)
+    too_big = max(int(s.input_ids.max()) for s in items)
     if too_big >= width:
         raise UserError(
             f"token id {too_big} is outside the teacher's {width} logits: the tokenizer does "
             f"not belong to this model"
         )
-    windows = plan_windows(seqs, cfg.shard_positions)
-    card = build_card(cfg, width, revision, tokenizer, stats.fingerprint, len(windows))
+    card = build_card(cfg, width, teacher.revision, tokenizer, stats.fingerprint, len(windows),
+                      spec)
 
+    unfinished = 0  # replies of this run without an EOS within max_new_tokens
     with CacheWriter(cfg.output, card, rank, world) as writer, ThreadPoolExecutor(1) as pool:
         done = {row["index"]: row for row in writer.committed}
         for i, row in done.items():
@@ -364,22 +477,32 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
                     "use a new output folder"
                 )
         todo = [i for i in range(len(windows)) if writer.owns(i) and i not in done]
-        remaining = sum(len(s.input_ids) for i in todo for s in seqs[slice(*windows[i])])
+        if cfg.generate:
+            remaining, unit = sum(windows[i][1] - windows[i][0] for i in todo), "reply"
+        else:
+            remaining = sum(len(s.input_ids) for i in todo for s in items[slice(*windows[i])])
+            unit = "tok"
         if done:
             mine = sum(1 for i in done if writer.owns(i))
             log(f"resuming after {len(done)} committed shards ({mine} of them this rank's)"
                 if world > 1 else
                 f"resuming after {len(done)} committed shards ({writer.num_committed_sequences} "
                 f"sequences)")
-        bar = tqdm(total=remaining, unit="tok", unit_scale=True, disable=not cfg.progress,
-                   desc="teacher pass" if world == 1 else f"teacher pass (rank {rank})",
+        desc = "teacher generates" if cfg.generate else "teacher pass"
+        bar = tqdm(total=remaining, unit=unit, unit_scale=not cfg.generate,
+                   disable=not cfg.progress, desc=desc if world == 1 else f"{desc} (rank {rank})",
                    dynamic_ncols=True, position=rank if world > 1 else None)
         pending: Future | None = None
         for i in todo:
             start, end = windows[i]
-            window = seqs[start:end]
-            records = records_for_window(window, window_outputs(window, bar.update),
-                                         cfg.hard_ratio)
+            window = items[start:end]
+            if cfg.generate:
+                pairs = teacher.generate(window, bar.update)
+                seqs, outputs = [q for q, _ in pairs], [o for _, o in pairs]
+                unfinished += sum(int(q.input_ids[-1]) not in spec.eos_token_ids for q in seqs)
+            else:
+                seqs, outputs = window, teacher.score(window, bar.update)
+            records = records_for_window(seqs, outputs, cfg.hard_ratio)
             if pending is not None:
                 pending.result()  # at most one shard waits to be written
             pending = pool.submit(writer.write_shard, records, start, i)
@@ -393,7 +516,7 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
         tokens=sum(r["num_tokens"] for r in committed),
         supervised=sum(r["num_supervised"] for r in committed),
         new_sequences=sum(windows[i][1] - windows[i][0] for i in todo),
-        truncated=stats.truncated,
+        truncated=unfinished if cfg.generate else stats.truncated,
         dropped=stats.dropped_empty,
         bytes=sum(r["bytes"] for r in committed),
         seconds=time.perf_counter() - t0,
@@ -401,4 +524,5 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
         world_size=world,
         shards_committed=len(committed_prefix(committed)),
         shards_total=len(windows),
+        generated=cfg.generate,
     )

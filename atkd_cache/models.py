@@ -110,3 +110,21 @@ def _without_gguf(model, trust_remote_code: bool):
 def logits_width(model) -> int:
     """Number of logits the model produces per position (may exceed the tokenizer's vocab)."""
     return int(model.get_output_embeddings().weight.shape[0])
+
+
+def eos_token_ids(path: str, tokenizer, revision: str | None = None) -> tuple[int, ...]:
+    """The ids that end a reply: the tokenizer's EOS and the model's generation-config EOS
+    ids (chat models often end turns with a token other than the tokenizer's EOS)."""
+    from transformers import GenerationConfig
+
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    folder, gguf = split_gguf(path)
+    if gguf is None:
+        try:
+            eos = GenerationConfig.from_pretrained(folder, revision=revision).eos_token_id
+        except Exception:  # no generation_config.json: the tokenizer's EOS is all there is
+            eos = None
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    return tuple(sorted(ids))

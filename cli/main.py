@@ -85,6 +85,20 @@ def main() -> None:
               help="Data parallel: this process's rank (default: torchrun's / SLURM's).")
 @click.option("--world-size", type=int, default=None,
               help="Data parallel: number of ranks (default: torchrun's / SLURM's, else 1).")
+@click.option("--generate", is_flag=True, default=False,
+              help="The teacher writes the responses to the prompts (chat up to the last user "
+                   "turn, or --prompt-field) and its distribution is captured as it writes.")
+@click.option("--num-responses", type=int, default=1, show_default=True,
+              help="--generate: replies per prompt.")
+@click.option("--gen-temperature", type=float, default=1.0, show_default=True,
+              help="--generate: sampling temperature (the cache stores the T = 1 distribution).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="--generate: nucleus sampling.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True,
+              help="--generate: reply budget in tokens.")
+@click.option("--greedy", is_flag=True, default=False, help="--generate: argmax decoding.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="--generate: every reply is seeded by (seed, sequence id).")
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @click.option("--no-progress", is_flag=True, default=False)
 @user_errors
@@ -169,17 +183,29 @@ def concat_cmd(caches: tuple[str, ...], output: str) -> None:
 
 @main.command("export")
 @click.argument("cache")
-@click.option("--format", "fmt", type=click.Choice(["axolotl"]), required=True,
-              help="axolotl: a datasets (Parquet) dataset for axolotl's KD plugin.")
-@click.option("--output", "-o", required=True, help="New folder for the exported dataset.")
+@click.option("--format", "fmt", type=click.Choice(["axolotl", "responses"]), required=True,
+              help="axolotl: a datasets (Parquet) dataset for axolotl's KD plugin; responses: "
+                   "the teacher's replies of a --generate cache as JSONL (prompt, completion).")
+@click.option("--output", "-o", required=True,
+              help="New folder for the exported dataset (responses: a .jsonl file).")
+@click.option("--tokenizer", default=None,
+              help="responses: tokenizer that decodes the text (default: the card's teacher).")
 @click.option("--align", type=click.Choice(["next", "current"]), default="next",
               show_default=True,
               help="next: row t holds the distribution of token t+1 (what axolotl's KD loss "
                    "consumes at hidden state t); current: of token t (vLLM prompt log-probs).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
-def export_cmd(cache: str, fmt: str, output: str, align: str, progress: bool) -> None:
+def export_cmd(cache: str, fmt: str, output: str, tokenizer: str | None, align: str,
+               progress: bool) -> None:
     """Write a cache in another tool's format (docs/integrations.md)."""
+    if fmt == "responses":
+        from atkd_cache.responses import export_responses
+
+        s = export_responses(cache, output, tokenizer, progress)
+        click.echo(f"exported {s['rows']} teacher responses ({s['num_responses']} per prompt, "
+                   f"{s['truncated']} truncated: no EOS within max_new_tokens) to {output}")
+        return
     from atkd_cache.hf.axolotl import export_axolotl
 
     s = export_axolotl(cache, output, align=align, progress=progress)

@@ -134,6 +134,9 @@ class _DataDigest:
         self.ends = list(itertools.accumulate(p["sequences"] for p in parts)) \
             if self.parts else []  # cache-order index just past each part
         self.seen, self.digests, self.current = 0, [], hashlib.sha256()
+        # a generated cache's fingerprint is over its prompts (data.teacher_prompts): the
+        # first reply to each prompt carries it, up to the reply's first token
+        self.responses = int(cache.card.generation.get("num_responses", 0) or 0)
 
     def add(self, a: dict[str, np.ndarray]) -> None:
         """Feed one shard's sequences."""
@@ -142,8 +145,14 @@ class _DataDigest:
         offsets = a["token_offsets"]
         for i, seq_id in enumerate(a["seq_ids"].tolist()):
             t0, t1 = offsets[i], offsets[i + 1]
-            add_sequence(self.current, seq_id, a["input_ids"][t0:t1],
-                         a["supervised"][t0 - i : t1 - i - 1])
+            ids, sup = a["input_ids"][t0:t1], a["supervised"][t0 - i : t1 - i - 1]
+            if self.responses:
+                if seq_id % self.responses == 0:
+                    prompt = ids[: int(np.argmax(sup)) + 1]
+                    add_sequence(self.current, seq_id // self.responses, prompt,
+                                 np.zeros(len(prompt) - 1, dtype=bool))
+            else:
+                add_sequence(self.current, seq_id, ids, sup)
             self.seen += 1
             if len(self.digests) < len(self.ends) and self.seen == self.ends[len(self.digests)]:
                 self.digests.append("sha256:" + self.current.hexdigest())

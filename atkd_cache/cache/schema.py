@@ -213,6 +213,10 @@ class CacheCard:
     # shards in the dump's plan (0 in caches made before it was recorded): a cache whose
     # manifest lists fewer is partial
     planned_shards: int = 0
+    # `dump-teacher --generate`: the generation settings (GenerationSpec.card(): num_responses,
+    # temperature, top_p, max_new_tokens, greedy, seed, eos_token_ids); {} for a cache of
+    # given sequences. A generated sequence's seq_id is prompt_row * num_responses + response.
+    generation: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_at: str = ""
@@ -234,6 +238,8 @@ class CacheCard:
         Two caches with the same fingerprint hold the same teacher outputs for the same
         sequences (shard boundaries may differ)."""
         fields = {k: v for k, v in self.to_attrs().items() if k not in self.NOT_CONTENT}
+        if not fields["generation"]:  # caches of given sequences keep their fingerprints
+            fields.pop("generation")
         if fields["teacher_weights_hash"]:  # the same weights at another path are the same
             fields.pop("teacher_id")
             fields.pop("teacher_revision")
@@ -289,10 +295,21 @@ class CacheCard:
     ) -> tuple[str, Any, Any] | None:
         """The first field (other than `ignore`d ones) where two cards differ, if any."""
         mine, theirs = self.to_attrs(), other.to_attrs()
-        for key in mine:
+        # the fingerprint follows from the other fields: name one of those if one differs
+        for key in sorted(mine, key=lambda name: name == "fingerprint"):
             if key not in ignore and mine[key] != theirs.get(key):
-                return key, mine[key], theirs.get(key)
+                a, b = mine[key], theirs.get(key)
+                if key == "generation" and isinstance(a, dict) and isinstance(b, dict):
+                    for sub in sorted(set(a) | set(b)):  # name the setting, not the dict
+                        if a.get(sub) != b.get(sub):
+                            return f"generation.{sub}", a.get(sub), b.get(sub)
+                return key, a, b
         return None
+
+    @property
+    def generated(self) -> bool:
+        """Were the sequences written by the teacher (dump-teacher --generate)?"""
+        return bool(self.generation)
 
 
 @dataclass

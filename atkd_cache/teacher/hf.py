@@ -26,10 +26,16 @@ def pad_batch(
     return ids, attention, sup
 
 
+def uniforms_seed(seed: int, seq_id: int) -> int:
+    """The seed of one sequence's sampled-mode uniforms."""
+    return (seed * 1_000_003 + seq_id) % (2**63)
+
+
 def sequence_uniforms(seq_id: int, positions: int, num_samples: int, seed: int) -> torch.Tensor:
     """The uniforms [positions, num_samples] behind one sequence's samples: a generator of
-    its own per (seed, seq_id), so samples do not depend on batching, order or ranks."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + seq_id) % (2**63))
+    its own per (seed, seq_id), so samples do not depend on batching, order or ranks. (The
+    generator fills row by row: drawing one row per generation step gives the same values.)"""
+    gen = torch.Generator().manual_seed(uniforms_seed(seed, seq_id))
     return torch.rand(positions, num_samples, generator=gen, dtype=torch.float64)
 
 
