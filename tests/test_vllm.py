@@ -145,3 +145,41 @@ def test_one_engine_per_rank_equals_one_process(assets, teacher, caches, tmp_pat
         assert a.seq_id == b.seq_id and np.array_equal(a.input_ids, b.input_ids)
         assert np.allclose(a.target_logprob, b.target_logprob, atol=1e-5)
         assert_topk_match(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs)
+
+
+def test_generate_captures_raw_logprobs_equal_to_hf_rescoring(assets, teacher, tmp_path):
+    """--generate on vLLM: sample log-probs (raw, not the 0.7-tempered ones the sampler
+    used) equal a teacher-forced HF pass over each finished sequence; a re-run with the same
+    seed writes the same replies."""
+    import torch
+
+    from atkd_cache.data import TokenizedSequence
+    from atkd_cache.models import load_causal_lm
+    from atkd_cache.teacher.hf import teacher_outputs
+
+    gen = ("--generate", "--num-responses", "2", "--max-new-tokens", "12", "--gen-temperature",
+           "0.7", "--top-p", "0.9", "--limit", "8", "--shard-positions", "48")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        r = vllm_dump(assets, teacher, out, *gen)
+        assert r.returncode == 0, r.stderr[-3000:]
+    cache, again = open_cache(runs[0]), open_cache(runs[1])
+    assert cache.card.generated and len(cache) == 16 and verify_cache(cache) == []
+    assert cache.card.generation["temperature"] == 0.7 and cache.card.backend == "vllm"
+    model = load_causal_lm(teacher, "fp32")
+    worst_tempered = 0.0
+    for seq, other in zip(cache, again, strict=True):
+        assert np.array_equal(seq.input_ids, other.input_ids)  # same seeds, same replies
+        ids = seq.input_ids.astype(np.int64)
+        ref = teacher_outputs(model, [TokenizedSequence(seq.seq_id, ids, seq.supervised)],
+                              8)[0]
+        assert np.allclose(seq.target_logprob, ref["target_logprob"], atol=TOL)
+        assert_topk_match(seq.topk_ids, seq.topk_logprobs, ref["topk_ids"],
+                          ref["topk_logprobs"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(ids)[None]).logits[0, :-1]
+        sup = torch.from_numpy(seq.supervised)
+        tempered = torch.log_softmax(logits / 0.7, -1)[sup]
+        lp = tempered.gather(1, torch.from_numpy(ids[1:])[sup][:, None])[:, 0].numpy()
+        worst_tempered = max(worst_tempered, float(np.abs(lp - seq.target_logprob).max()))
+    assert worst_tempered > 0.05  # raw and processed log-probs are told apart

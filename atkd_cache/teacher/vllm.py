@@ -145,36 +145,87 @@ class VllmTeacher:
                 on_done(sum(len(s.input_ids) for s in chunk))
         return results
 
-    def _arrays(self, seq: TokenizedSequence, plp) -> dict[str, np.ndarray]:
-        k, n = self.top_k, len(seq.input_ids)
+    def generate(self, prompts: list, spec, on_done=None) -> list[tuple[TokenizedSequence, dict]]:
+        """One reply per prompt (teacher/generate.Prompt) with its per-position arrays from
+        vLLM's sample log-probs (raw: before temperature and top-p). Each request carries
+        its own seed (generate.reply_seed), so a reply does not depend on the batch; vLLM
+        does not promise the same tokens as the HF backend for the same seed."""
+        import vllm
+        from vllm.inputs import TokensPrompt
+
+        from atkd_cache.teacher.generate import reply_seed
+
+        longest = max(len(p.input_ids) for p in prompts) + spec.max_new_tokens
+        if longest > self.max_model_len:
+            raise UserError(
+                f"a prompt plus --max-new-tokens {spec.max_new_tokens} needs {longest} tokens, "
+                f"over vLLM's max model length {self.max_model_len}: pass --max-model-len or "
+                f"lower --max-new-tokens"
+            )
+        results = []
+        for lo in range(0, len(prompts), REQUESTS_PER_CALL):
+            chunk = prompts[lo : lo + REQUESTS_PER_CALL]
+            params = []
+            for p in chunk:
+                kw = dict(max_tokens=spec.max_new_tokens, logprobs=self.top_k, detokenize=False,
+                          stop_token_ids=list(spec.eos_token_ids), ignore_eos=False,
+                          temperature=0.0 if spec.greedy else spec.temperature,
+                          top_p=1.0 if spec.greedy else spec.top_p,
+                          seed=reply_seed(spec.seed, p.seq_id) % (2**31))
+                if self.flat:
+                    kw["flat_logprobs"] = True
+                params.append(vllm.SamplingParams(**kw))
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=p.input_ids.tolist()) for p in chunk], params,
+                use_tqdm=False,
+            )
+            for p, out in zip(chunk, outs, strict=True):
+                done = out.outputs[0]
+                reply = np.asarray(done.token_ids, dtype=np.int64)
+                ids = np.concatenate([p.input_ids, reply])
+                supervised = np.zeros(len(ids) - 1, dtype=bool)
+                supervised[len(p.input_ids) - 1:] = True
+                seq = TokenizedSequence(p.seq_id, ids, supervised)
+                target_lp, topk_ids, topk_lp = self._ranked(done.logprobs, reply)
+                results.append((seq, self._position_arrays(target_lp, topk_ids, topk_lp)))
+            if on_done is not None:
+                on_done(len(chunk))
+        return results
+
+    def _ranked(self, entries, targets: np.ndarray):
+        """(log-prob of each target, top-k ids, top-k log-probs) from vLLM log-probs with one
+        entry per target (flat: exactly k + 1 values, the target's first)."""
+        k, m = self.top_k, len(targets)
         if self.flat:
-            # n - 1 positions of exactly k + 1 entries: [actual token, top-1 .. top-k]
-            ids = np.asarray(plp.token_ids, dtype=np.int64).reshape(n - 1, k + 1)
-            lps = np.asarray(plp.logprobs, dtype=np.float32).reshape(n - 1, k + 1)
-            target_ids, target_lp = ids[:, 0], lps[:, 0]
-            topk_ids, topk_lp = ids[:, 1:], lps[:, 1:]
-        else:  # dict per position: the actual token's entry plus ranks 1..k
-            topk_ids = np.empty((n - 1, k), np.int64)
-            topk_lp = np.empty((n - 1, k), np.float32)
-            target_ids = seq.input_ids[1:].astype(np.int64)
-            target_lp = np.empty(n - 1, np.float32)
-            for t, entry in enumerate(plp[1:]):
-                target_lp[t] = entry[int(target_ids[t])].logprob
-                ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
-                                if lp.rank <= k)
-                topk_ids[t] = [tid for _, tid, _ in ranked[:k]]
-                topk_lp[t] = [v for _, _, v in ranked[:k]]
-        if not np.array_equal(target_ids, seq.input_ids[1:]):
-            raise UserError("vLLM returned log-probs for other tokens than the prompt's")
-        sup = seq.supervised
-        target = target_lp[sup]
-        top = topk_lp[sup]
+            ids = np.asarray(entries.token_ids, dtype=np.int64).reshape(m, k + 1)
+            lps = np.asarray(entries.logprobs, dtype=np.float32).reshape(m, k + 1)
+            if not np.array_equal(ids[:, 0], targets):
+                raise UserError("vLLM returned log-probs for other tokens than the sequence's")
+            return lps[:, 0], ids[:, 1:], lps[:, 1:]
+        topk_ids = np.empty((m, k), np.int64)
+        topk_lp = np.empty((m, k), np.float32)
+        target_lp = np.empty(m, np.float32)
+        for t, entry in enumerate(entries):  # dict per position: the target plus ranks 1..k
+            target_lp[t] = entry[int(targets[t])].logprob
+            ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
+                            if lp.rank <= k)
+            topk_ids[t] = [tid for _, tid, _ in ranked[:k]]
+            topk_lp[t] = [v for _, _, v in ranked[:k]]
+        return target_lp, topk_ids, topk_lp
+
+    @staticmethod
+    def _position_arrays(target, topk_ids, top) -> dict[str, np.ndarray]:
         return {
-            "topk_ids": topk_ids[sup],
+            "topk_ids": topk_ids,
             "topk_logprobs": top,
             "target_logprob": target,
             "entropy": entropy_lower_bound(top),
             "uncertainty": (-np.expm1(target.astype(np.float64))).astype(np.float32),
         }
 
-
+    def _arrays(self, seq: TokenizedSequence, plp) -> dict[str, np.ndarray]:
+        targets = seq.input_ids[1:].astype(np.int64)
+        # prompt log-probs: entry 0 is empty (nothing predicts the first token)
+        target_lp, topk_ids, topk_lp = self._ranked(plp if self.flat else plp[1:], targets)
+        sup = seq.supervised
+        return self._position_arrays(target_lp[sup], topk_ids[sup], topk_lp[sup])
