@@ -51,6 +51,17 @@ def test_third_party_reading_example(assets, tmp_path):
     assert (scope["tail"] > -1e-3).all() and (scope["tail"] < 1).all()
 
 
+def test_third_party_reading_example_generated(assets, tmp_path):
+    """A generated cache (two replies per prompt): the doc's checks recompute its prompts'
+    data fingerprint and its card fingerprint, generation settings included."""
+    dump(assets, tmp_path / "g", shape="chat", generate=True, num_responses=2,
+         max_new_tokens=6, limit=6)
+    scope = run_example(tmp_path / "g", "topk")
+    assert scope["responses"] == 2
+    first = open_cache(tmp_path / "g")[0]
+    np.testing.assert_array_equal(scope["input_ids"], first.input_ids)
+
+
 def test_third_party_reading_example_sampled_packed(assets, tmp_path):
     dump(assets, tmp_path / "s", shape="prompt_response", mode="sampled", num_samples=20,
          encoding="packed")

@@ -238,8 +238,6 @@ class CacheCard:
         Two caches with the same fingerprint hold the same teacher outputs for the same
         sequences (shard boundaries may differ)."""
         fields = {k: v for k, v in self.to_attrs().items() if k not in self.NOT_CONTENT}
-        if not fields["generation"]:  # caches of given sequences keep their fingerprints
-            fields.pop("generation")
         if fields["teacher_weights_hash"]:  # the same weights at another path are the same
             fields.pop("teacher_id")
             fields.pop("teacher_revision")
@@ -252,8 +250,12 @@ class CacheCard:
         return self.fingerprint or self.content_fingerprint()
 
     def to_attrs(self) -> dict[str, Any]:
-        """The card as JSON-able Zarr attributes."""
-        return dataclasses.asdict(self)
+        """The card as JSON-able Zarr attributes (no `generation` key for a cache of given
+        sequences: its card stays what writers before --generate wrote)."""
+        attrs = dataclasses.asdict(self)
+        if not attrs["generation"]:
+            del attrs["generation"]
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str = "cache") -> CacheCard:
@@ -296,10 +298,12 @@ class CacheCard:
         """The first field (other than `ignore`d ones) where two cards differ, if any."""
         mine, theirs = self.to_attrs(), other.to_attrs()
         # the fingerprint follows from the other fields: name one of those if one differs
-        for key in sorted(mine, key=lambda name: name == "fingerprint"):
-            if key not in ignore and mine[key] != theirs.get(key):
-                a, b = mine[key], theirs.get(key)
-                if key == "generation" and isinstance(a, dict) and isinstance(b, dict):
+        keys = list(mine) + [k for k in theirs if k not in mine]
+        for key in sorted(keys, key=lambda name: name == "fingerprint"):  # stable sort
+            if key not in ignore and mine.get(key) != theirs.get(key):
+                a, b = mine.get(key), theirs.get(key)
+                if key == "generation":
+                    a, b = a or {}, b or {}
                     for sub in sorted(set(a) | set(b)):  # name the setting, not the dict
                         if a.get(sub) != b.get(sub):
                             return f"generation.{sub}", a.get(sub), b.get(sub)
