@@ -330,3 +330,47 @@ def test_generated_cache_in_the_datasets_view_and_the_trainer(generated, teacher
     assert r.exit_code == 0, r.output
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(x["loss"]) for x in records)
+
+
+def test_evaluate_scores_student_replies_against_the_teachers(teacher, tmp_path):
+    """rouge_l_to_teacher and teacher_logprob against a plain reference: greedy argmax loops
+    for both models' replies, then the teacher's log_softmax over each student reply."""
+    from transformers import AutoTokenizer
+
+    from atkd_cache.data import DataSpec, generation_prompts, load_rows
+    from atkd_cache.train.evaluate import EvalConfig, evaluate, rouge_l
+
+    student = str(tmp_path / "student")
+    tiny.build_tokenizer(student)
+    tiny.build_model(student, teacher["vocab"], seed=5)
+    spec = DataSpec(source=teacher["prompt_response"], prompt_field="prompt",
+                    response_field="response", limit=4)
+    got = evaluate(EvalConfig(model=student, data=spec, teacher=teacher["llama"],
+                              max_new_tokens=8, device="cpu"))
+    tok = AutoTokenizer.from_pretrained(student)
+    pairs = generation_prompts(load_rows(spec), tok, spec)
+    models = {name: load_causal_lm(path, "fp32")
+              for name, path in (("student", student), ("teacher", teacher["llama"]))}
+
+    def greedy(model, prompt):
+        ids = list(prompt)
+        with torch.no_grad():
+            while len(ids) < len(prompt) + 8:
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                if ids[-1] == tok.eos_token_id:
+                    break
+        return ids[len(prompt):]
+
+    replies = {name: [greedy(m, p) for p, _ in pairs] for name, m in models.items()}
+    text = {name: [tok.decode(r, skip_special_tokens=True).strip() for r in rs]
+            for name, rs in replies.items()}
+    assert got["student"]["rouge_l_to_teacher"] == pytest.approx(
+        rouge_l(text["student"], text["teacher"]))
+    means = []
+    for (prompt, _), reply in zip(pairs, replies["student"], strict=True):
+        with torch.no_grad():
+            logits = models["teacher"](input_ids=torch.tensor([prompt + reply])).logits[0]
+        lp = torch.log_softmax(logits.double(), -1)
+        means.append(np.mean([float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(reply)]))
+    assert got["student"]["teacher_logprob"] == pytest.approx(np.mean(means), abs=1e-5)
+    assert got["teacher"]["teacher_logprob"] > got["student"]["teacher_logprob"]

@@ -11,7 +11,9 @@ On the cache's supervised tokens:
 The teacher's own nll, accuracy and ECE come from the cache itself (its target log-prob and
 top-1 entry), so the table compares student and teacher without loading the teacher.
 On prompt/response or chat data: greedy replies scored by ROUGE-L F1 (Google's rouge-score
-package, with stemming) against the references.
+package, with stemming) against the references; with a teacher, also against the teacher's
+own greedy replies (rouge_l_to_teacher), and teacher_logprob: the teacher's mean log-prob per
+token of the student's reply (its tokens up to and including EOS), averaged over prompts.
 """
 
 from __future__ import annotations
@@ -136,15 +138,22 @@ def cache_metrics(
             "teacher": out_teacher, "cache_status": dataset.cache.status_line()}
 
 
+def _stop_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set([eos] if isinstance(eos, int) else list(eos or []))
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 @torch.no_grad()
-def generate_replies(
+def generate_reply_ids(
     model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64, batch_size: int = 8,
     device: str = "cpu",
-) -> list[str]:
-    """Greedy replies (left-padded batches), decoded without special tokens."""
+) -> list[list[int]]:
+    """Greedy replies (left-padded batches) as token ids, up to and including the first EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = _stop_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: dict[int, str] = {}
+    out: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -158,8 +167,42 @@ def generate_replies(
             max_new_tokens=max_new_tokens, pad_token_id=pad,
         )
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+            reply = gen[row, width:].tolist()
+            end = next((j for j, t in enumerate(reply) if t in stop), len(reply) - 1)
+            out[i] = reply[: end + 1]
     return [out[i] for i in range(len(prompts))]
+
+
+def decode_replies(tokenizer, replies: list[list[int]]) -> list[str]:
+    """Reply ids as text, without special tokens."""
+    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
+
+
+def generate_replies(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64, batch_size: int = 8,
+    device: str = "cpu",
+) -> list[str]:
+    """Greedy replies (left-padded batches), decoded without special tokens."""
+    return decode_replies(tokenizer, generate_reply_ids(model, tokenizer, prompts,
+                                                        max_new_tokens, batch_size, device))
+
+
+@torch.no_grad()
+def reply_logprobs(
+    model, prompts: list[list[int]], replies: list[list[int]], device: str = "cpu"
+) -> list[float]:
+    """Per reply, the model's mean log-prob per token of the reply given its prompt
+    (teacher-forced, float32 log_softmax); NaN for an empty reply."""
+    out = []
+    for prompt, reply in zip(prompts, replies, strict=True):
+        if not reply:
+            out.append(float("nan"))
+            continue
+        ids = torch.tensor([prompt + reply], device=device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        lp = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None])[:, 0]
+        out.append(float(lp.mean()))
+    return out
 
 
 def rouge_l(replies: list[str], references: list[str]) -> float:
@@ -208,15 +251,25 @@ def evaluate(cfg: EvalConfig) -> dict:
         pairs = generation_prompts(load_rows(cfg.data), tokenizer, cfg.data)
         prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
         samples = {"reference": refs}
+        reply_ids = {}
         for role, path in (("student", cfg.model), ("teacher", cfg.teacher)):
             if path is None:
                 continue
             lm = model if role == "student" else load_causal_lm(
                 path, dtype="fp32", device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-            replies = generate_replies(lm, tokenizer, prompts, cfg.max_new_tokens,
-                                       cfg.gen_batch_size, cfg.device)
+            reply_ids[role] = generate_reply_ids(lm, tokenizer, prompts, cfg.max_new_tokens,
+                                                 cfg.gen_batch_size, cfg.device)
+            replies = decode_replies(tokenizer, reply_ids[role])
             result[role]["rouge_l"] = rouge_l(replies, refs)
             samples[role] = replies
+        if cfg.teacher is not None:  # the student's replies against the teacher's
+            result["student"]["rouge_l_to_teacher"] = rouge_l(samples["student"],
+                                                              samples["teacher"])
+            scores = reply_logprobs(lm, prompts, reply_ids["student"], cfg.device)
+            result["student"]["teacher_logprob"] = float(np.nanmean(scores))
+            own = reply_logprobs(lm, prompts, reply_ids["teacher"], cfg.device)
+            result["teacher"]["teacher_logprob"] = float(np.nanmean(own))  # the ceiling
+            samples["teacher_logprob_of_student"] = scores
         result["generations"] = len(prompts)
         if cfg.samples_out:
             with open(cfg.samples_out, "w") as f:
