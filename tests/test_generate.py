@@ -95,6 +95,11 @@ def test_generated_sequences_are_prompt_plus_reply(generated, teacher):
         ended += int(reply[-1]) in eos
         assert int(reply[-1]) in eos or len(reply) == 12
     assert 0 < ended < len(cache)  # both kinds are covered
+    from atkd_cache.cache.inspect import cache_info
+
+    info = cache_info(cache)
+    assert info["truncated_responses"] == len(cache) - ended
+    assert info["response_tokens"]["mean"] == pytest.approx(cache.num_supervised / len(cache))
     first, second = cache[0], cache[1]  # two replies to one prompt: same prompt, own seeds
     p = int(first.supervised.argmax()) + 1
     assert np.array_equal(first.input_ids[:p], second.input_ids[:p])

@@ -47,7 +47,21 @@ def cache_info(cache: Cache) -> dict:
             {"unique_samples_per_position": _summary(cache.column("sample_sizes"))}
             if cache.card.mode == "sampled" else {}
         ),
+        **(_generated_info(cache) if cache.card.generated else {}),
     }
+
+
+def _generated_info(cache: Cache) -> dict:
+    """A generated cache's replies: how many ended without an EOS, and their lengths."""
+    eos = np.asarray(cache.card.generation.get("eos_token_ids", []))
+    truncated, lengths = 0, []
+    for i in range(len(cache.shard_rows)):  # offsets are per shard
+        a = cache.read_shard(i, ("input_ids", "token_offsets", "sup_offsets"))
+        last = a["input_ids"][a["token_offsets"][1:] - 1]
+        truncated += int((~np.isin(last, eos)).sum())
+        lengths.append(np.diff(a["sup_offsets"]))
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0)
+    return {"truncated_responses": truncated, "response_tokens": _summary(lengths)}
 
 
 def verify_cache(cache: Cache) -> list[str]:
