@@ -9,7 +9,9 @@ ratios and writing one JSON (--out):
      fused head, cached ATKD unfused, online KD with the teacher resident (dense KL);
   3. LM head + loss alone at V = 49,152 and 151,936: CE vs unfused ATKD vs fused ATKD;
   4. loader throughput (one worker, the teacher pass's cache) vs what the ATKD step consumes;
-  5. bf16 autocast vs fp32: the fused ATKD loss and its gradients.
+  5. bf16 autocast vs fp32: the fused ATKD loss and its gradients;
+  6. generation with capture (dump-teacher --generate's sampler: top-32 + target + entropy
+     per step) vs plain `generate` sampling, same prompts, same lengths (no EOS).
 Time: CUDA-synchronised medians of 3 after 1 warm-up; memory: torch.cuda.max_memory_allocated
 above what was allocated before (on the CPU, smoke mode reports no memory).
 
@@ -45,6 +47,7 @@ from atkd_cache.data import TokenizedSequence  # noqa: E402
 from atkd_cache.losses import LossConfig, SparseTeacher, kd_loss  # noqa: E402
 from atkd_cache.losses.fused import fused_kd_loss, head_logits  # noqa: E402
 from atkd_cache.split import hard_labels_np  # noqa: E402
+from atkd_cache.teacher.generate import GenerationSpec, Prompt, generate_outputs  # noqa: E402
 from atkd_cache.teacher.hf import teacher_outputs  # noqa: E402
 from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader  # noqa: E402
 from atkd_cache.train.student import RowLogits  # noqa: E402
@@ -56,7 +59,8 @@ FULL = {
     "student": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
                     num_attention_heads=15, num_key_value_heads=5, vocab_size=49152),
     "batch": 8, "seq_len": 1024, "shards": 4, "head_rows": 16384, "head_hidden": 960,
-    "vocabs": (49152, 151936), "k": 32,
+    "vocabs": (49152, 151936), "k": 32, "gen_prompts": 64, "gen_prompt_len": 256,
+    "gen_new_tokens": 256,
 }
 SMOKE = {
     "teacher": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -64,7 +68,7 @@ SMOKE = {
     "student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
     "batch": 2, "seq_len": 32, "shards": 2, "head_rows": 64, "head_hidden": 32,
-    "vocabs": (512, 1024), "k": 8,
+    "vocabs": (512, 1024), "k": 8, "gen_prompts": 2, "gen_prompt_len": 8, "gen_new_tokens": 4,
 }
 
 
@@ -280,6 +284,34 @@ def bf16_agreement(size: dict, device) -> dict:
             "grad_hidden_rel": rel(h16, h32), "grad_weight_rel": rel(w16, w32)}
 
 
+def generation(size: dict, teacher, device) -> dict:
+    """One batch of replies, captured vs plain sampling (temperature 0.8, top-p 0.95)."""
+    from transformers import GenerationConfig
+
+    g = np.random.default_rng(1)
+    vocab, n = size["teacher"]["vocab_size"], size["gen_prompts"]
+    prompts = [Prompt(i, g.integers(3, vocab, size["gen_prompt_len"]).astype(np.int64))
+               for i in range(n)]
+    spec = GenerationSpec(temperature=0.8, top_p=0.95, max_new_tokens=size["gen_new_tokens"])
+    teacher.generation_config = GenerationConfig(pad_token_id=0)  # no EOS: full length
+    ids = torch.tensor(np.stack([p.input_ids for p in prompts]), device=device)
+
+    def capture():
+        generate_outputs(teacher, prompts, spec, size["k"])
+
+    @torch.no_grad()
+    def plain():
+        teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                         temperature=0.8, top_p=0.95, top_k=None,
+                         max_new_tokens=spec.max_new_tokens, pad_token_id=0)
+
+    cap, base = timed(capture, device, repeats=2), timed(plain, device, repeats=2)
+    tokens = n * spec.max_new_tokens
+    return {"capture": cap, "plain": base, "ratio": base["seconds"] / cap["seconds"],
+            "capture_tokens_per_s": tokens / cap["seconds"],
+            "plain_tokens_per_s": tokens / base["seconds"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="Toy sizes on the CPU (CI).")
@@ -303,6 +335,9 @@ def main() -> None:
         consume = step["tokens_per_step"] / step["atkd-fused"]["seconds"]
         report["loader"]["x_consumption"] = report["loader"]["tokens_per_s"] / consume
         print(f"loader: {report['loader']['x_consumption']:.1f}x what the step consumes")
+        report["generation"] = generation(size, teacher, device)
+        print(f"generation with capture: {report['generation']['ratio']:.2f}x plain generate's "
+              f"tokens/s", flush=True)
     report["head_and_loss"] = head_and_loss(size, device)
     for vocab, row in report["head_and_loss"].items():
         print(f"V={vocab}: fused ATKD {row['atkd-fused']['x_ce_time']:.2f}x CE time" + (

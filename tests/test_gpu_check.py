@@ -24,6 +24,8 @@ def test_gpu_check_smoke_writes_every_measurement(tmp_path):
     assert set(step) >= {"ce", "atkd-fused", "atkd", "online-kd"} and step["ce"]["x_ce"] == 1
     assert all(step[v]["seconds"] > 0 for v in ("ce", "atkd-fused", "atkd", "online-kd"))
     assert report["loader"]["tokens"] == 2 * 2 * 31  # every supervised position, once
+    gen = report["generation"]
+    assert gen["capture"]["seconds"] > 0 and gen["plain"]["seconds"] > 0 and gen["ratio"] > 0
     assert set(report["head_and_loss"]) == {"512", "1024"}
     agree = report["bf16_vs_fp32"]
     assert agree["loss_rel"] < 1e-2 and agree["grad_hidden_rel"] < 5e-2
