@@ -108,10 +108,12 @@ def vllm_arms(teacher: str, prompts: list[Prompt], spec: GenerationSpec, k: int)
     }
 
 
-def bytes_per_token(teacher: str, data: str, n: int, spec: GenerationSpec, k: int,
-                    backend: str) -> float:
+def real_dump(teacher: str, data: str, n: int, spec: GenerationSpec, k: int,
+              backend: str) -> dict:
     """Bytes on disk per generated (supervised) token of a --generate cache of these prompts
-    (EOS ends replies here, as in real use)."""
+    (EOS ends replies here, as in real use), and how many replies had none in the budget."""
+    from atkd_cache.cache import open_cache
+    from atkd_cache.cache.inspect import cache_info
     from atkd_cache.dump import DumpConfig, dump_teacher
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,18 +123,23 @@ def bytes_per_token(teacher: str, data: str, n: int, spec: GenerationSpec, k: in
             backend=backend, generate=True, max_new_tokens=spec.max_new_tokens,
             gen_temperature=spec.temperature, top_p=spec.top_p, enforce_eager=True,
         ), log=lambda m: None)
-    return s.bytes / s.supervised
+        info = cache_info(open_cache(os.path.join(tmp, "c")))
+    return {"bytes_per_token": s.bytes / s.supervised,
+            "truncated_responses": info["truncated_responses"],
+            "mean_response_tokens": info["response_tokens"]["mean"]}
 
 
 def report(results: dict) -> str:
     """The docs/benchmarks.md table, from the results file."""
     lines = ["| backend | prompts × new tokens | capture tokens/s | plain tokens/s | "
-             "capture / plain | bytes per generated token |", "|---|---|---|---|---|---|"]
+             "capture / plain | bytes per generated token | replies without EOS (of "
+             "prompts; mean length) |", "|---|---|---|---|---|---|---|"]
     for backend, r in results.items():
         tokens = r["prompts"] * r["max_new_tokens"]
         cap, plain = tokens / r["seconds"]["capture"], tokens / r["seconds"]["plain"]
         lines.append(f"| {backend} | {r['prompts']} × {r['max_new_tokens']} | {cap:.0f} | "
-                     f"{plain:.0f} | {cap / plain:.2f} | {r['bytes_per_token']:.1f} |")
+                     f"{plain:.0f} | {cap / plain:.2f} | {r['bytes_per_token']:.1f} | "
+                     f"{r['truncated_responses']} ({r['mean_response_tokens']:.0f} tokens) |")
     return "\n".join(lines)
 
 
@@ -168,8 +175,7 @@ def main() -> None:
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
         "temperature": args.temperature, "top_p": args.top_p, "repeats": args.repeats,
         "seconds": seconds,
-        "bytes_per_token": bytes_per_token(teacher, data, args.prompts, spec, args.top_k,
-                                           backend),
+        **real_dump(teacher, data, args.prompts, spec, args.top_k, backend),
     }
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

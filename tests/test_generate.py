@@ -324,6 +324,10 @@ def test_generated_cache_in_the_datasets_view_and_the_trainer(generated, teacher
     ds = cache_dataset(str(generated["root"] / "topk"), streaming=False)
     assert len(ds) == len(cache)
     assert ds[3]["input_ids"] == cache[3].input_ids.tolist()
+    from atkd_cache.hf.axolotl import export_axolotl
+
+    s = export_axolotl(str(generated["root"] / "topk"), str(tmp_path / "ax"), progress=False)
+    assert s["rows"] == len(cache) and s["supervised_positions"] == cache.num_supervised
     student = str(tmp_path / "student")
     tiny.build_tokenizer(student)
     tiny.build_model(student, teacher["vocab"], seed=2)
