@@ -12,9 +12,11 @@ backend sample the same prompts to the same length (no EOS, every reply runs to
         `model.generate(do_sample=True, ...)` returning tokens only;
   vLLM: `VllmTeacher.generate` (sample log-probs k = 32, raw, parsed into arrays) vs the
         same engine's `generate` with logprobs off.
-Timed: median of --repeats alternating rounds after a warm-up. The capture arm's shards are
-also written once with dump-teacher --generate for bytes per generated token. Results merge
-into --out (JSON); --report prints the docs/benchmarks.md section from that file.
+Timed: median of --repeats alternating rounds after a warm-up (which checks that both arms
+generated the same number of tokens; the spec has no EOS ids, so replies run full length).
+The capture arm's shards are also written once with dump-teacher --generate (EOS on, as in
+real use) for bytes per generated token. Results merge into --out (JSON); --report prints
+the docs/benchmarks.md table from that file.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ def prompts_of(teacher: str, data: str, n: int) -> list[Prompt]:
 
 
 def median_rounds(arms: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each arm over alternating rounds, after one warm-up of each."""
-    for fn in arms.values():
-        fn()
+    """Median seconds of each arm over alternating rounds, after one warm-up of each (which
+    checks that the arms generate the same number of tokens)."""
+    counts = {name: fn() for name, fn in arms.items()}
+    if len(set(counts.values())) != 1:
+        raise SystemExit(f"the arms generated different token counts: {counts}")
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(repeats):
         for name, fn in arms.items():
@@ -72,10 +76,12 @@ def hf_arms(teacher: str, prompts: list[Prompt], spec: GenerationSpec, k: int, b
         [len(p.input_ids) for p in prompts], batch, None)]
 
     def capture():
-        for b in batches:
-            generate_outputs(model, b, spec, k, pad_id=0)
+        return sum(len(seq.input_ids) - len(p.input_ids) for b in batches
+                   for p, (seq, _) in zip(b, generate_outputs(model, b, spec, k, pad_id=0),
+                                          strict=True))
 
     def plain():
+        tokens = 0
         for b in batches:
             width = max(len(p.input_ids) for p in b)
             ids = torch.zeros((len(b), width), dtype=torch.long)
@@ -84,9 +90,12 @@ def hf_arms(teacher: str, prompts: list[Prompt], spec: GenerationSpec, k: int, b
                 ids[r, width - len(p.input_ids):] = torch.from_numpy(p.input_ids)
                 mask[r, width - len(p.input_ids):] = 1
             with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                               temperature=spec.temperature, top_p=spec.top_p, top_k=None,
-                               max_new_tokens=spec.max_new_tokens, pad_token_id=0)
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                     temperature=spec.temperature, top_p=spec.top_p,
+                                     top_k=None, max_new_tokens=spec.max_new_tokens,
+                                     pad_token_id=0)
+            tokens += (out.shape[1] - width) * len(b)
+        return tokens
 
     return {"capture": capture, "plain": plain}
 
@@ -102,10 +111,15 @@ def vllm_arms(teacher: str, prompts: list[Prompt], spec: GenerationSpec, k: int)
     plain_params = [vllm.SamplingParams(max_tokens=spec.max_new_tokens, ignore_eos=True,
                                         temperature=spec.temperature, top_p=spec.top_p,
                                         seed=i, detokenize=False) for i in range(len(prompts))]
-    return {
-        "capture": lambda: engine.generate(prompts, spec),
-        "plain": lambda: engine.llm.generate(inputs, plain_params, use_tqdm=False),
-    }
+    def capture():
+        return sum(len(seq.input_ids) - len(p.input_ids)
+                   for p, (seq, _) in zip(prompts, engine.generate(prompts, spec), strict=True))
+
+    def plain():
+        outs = engine.llm.generate(inputs, plain_params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return {"capture": capture, "plain": plain}
 
 
 def real_dump(teacher: str, data: str, n: int, spec: GenerationSpec, k: int,

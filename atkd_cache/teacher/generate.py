@@ -42,7 +42,7 @@ class GenerationSpec:
     max_new_tokens: int = 256
     greedy: bool = False
     seed: int = 0
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # none: every reply runs to max_new_tokens
 
     def card(self) -> dict:
         """The card's `generation` entry."""

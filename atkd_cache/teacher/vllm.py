@@ -168,7 +168,9 @@ class VllmTeacher:
             params = []
             for p in chunk:
                 kw = dict(max_tokens=spec.max_new_tokens, logprobs=self.top_k, detokenize=False,
-                          stop_token_ids=list(spec.eos_token_ids), ignore_eos=False,
+                          # no EOS ids: replies run to max_new_tokens, as on the HF backend
+                          stop_token_ids=list(spec.eos_token_ids),
+                          ignore_eos=not spec.eos_token_ids,
                           temperature=0.0 if spec.greedy else spec.temperature,
                           top_p=1.0 if spec.greedy else spec.top_p,
                           seed=reply_seed(spec.seed, p.seq_id) % (2**31))
