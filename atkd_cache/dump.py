@@ -387,7 +387,7 @@ def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None) -> T
         return Teacher(score=engine.outputs,
                        generate=lambda prompts, on_batch=None: engine.generate(
                            prompts, spec, on_batch),
-                       logits_width=engine.logits_width)
+                       logits_width=engine.logits_width, max_length=engine.max_model_len)
     model = load_causal_lm(
         cfg.model, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code
     )
@@ -397,6 +397,7 @@ def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None) -> T
             model, prompts, cfg, spec, pad_id, on_batch),
         logits_width=logits_width(model),
         revision=getattr(model.config, "_commit_hash", None),
+        max_length=getattr(model.config.get_text_config(), "max_position_embeddings", None),
     )
 
 
@@ -463,6 +464,15 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
             f"token id {too_big} is outside the teacher's {width} logits: the tokenizer does "
             f"not belong to this model"
         )
+    if cfg.generate and teacher.max_length:
+        longest = max(len(p.input_ids) for p in items) + cfg.max_new_tokens
+        if longest > teacher.max_length:
+            raise UserError(
+                f"the longest prompt plus --max-new-tokens {cfg.max_new_tokens} is {longest} "
+                f"tokens, over the teacher's {teacher.max_length}: lower --max-new-tokens or "
+                f"pass --max-length to refuse long prompts"
+                + (" (or raise --max-model-len)" if cfg.backend == "vllm" else "")
+            )
     card = build_card(cfg, width, teacher.revision, tokenizer, stats.fingerprint, len(windows),
                       spec)
 

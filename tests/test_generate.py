@@ -262,7 +262,7 @@ def test_kill_9_resume_and_two_ranks_equal_one_process(teacher, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_room", "empty_prompt", "plain_text", "n_zero",
-                                  "no_user_turn"])
+                                  "no_user_turn", "over_the_model"])
 def test_bad_generation_input_is_one_line_and_writes_nothing(teacher, tmp_path, case):
     out = tmp_path / "cache"
     base = ["dump-teacher", "--model", teacher["gen"], "-o", str(out), "--dtype", "fp32",
@@ -277,6 +277,8 @@ def test_bad_generation_input_is_one_line_and_writes_nothing(teacher, tmp_path, 
         args, expect = ["--data", str(bad), "--prompt-field", "prompt"], "row 1"
     elif case == "plain_text":
         args, expect = ["--data", teacher["text"], "--text-field", "text"], "needs prompts"
+    elif case == "over_the_model":  # the tiny teacher takes 512 positions
+        args, expect = chat + ["--max-new-tokens", "500"], "over the teacher's 512"
     elif case == "n_zero":
         args, expect = chat + ["--num-responses", "0"], "--num-responses must be at least 1"
     else:

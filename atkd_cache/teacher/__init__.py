@@ -26,3 +26,4 @@ class Teacher:
     generate: Callable[[list, Progress], list[tuple[TokenizedSequence, dict[str, np.ndarray]]]]
     logits_width: int
     revision: str | None = None
+    max_length: int | None = None  # tokens the teacher takes in one sequence, if it says
