@@ -29,7 +29,7 @@ import torch
 
 from atkd_cache.data import TokenizedSequence
 from atkd_cache.teacher.extract import position_stats
-from atkd_cache.teacher.hf import split_samples, uniforms_seed
+from atkd_cache.teacher.hf import left_pad, split_samples, uniforms_seed
 
 
 @dataclass
@@ -59,6 +59,15 @@ class Prompt:
 
     seq_id: int  # prompt row * num_responses + response index
     input_ids: np.ndarray  # [p] int64
+
+
+def reply_sequence(prompt: Prompt, reply) -> TokenizedSequence:
+    """Prompt + reply as one sequence whose supervised positions are the reply's tokens
+    (from the prompt's last position on)."""
+    input_ids = np.concatenate([prompt.input_ids, np.asarray(reply, dtype=np.int64)])
+    supervised = np.zeros(len(input_ids) - 1, dtype=bool)
+    supervised[len(prompt.input_ids) - 1:] = True
+    return TokenizedSequence(prompt.seq_id, input_ids, supervised)
 
 
 def reply_seed(seed: int, seq_id: int) -> int:
@@ -148,12 +157,8 @@ def generate_outputs(
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
-    width = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p.input_ids):] = torch.from_numpy(p.input_ids)
-        mask[b, width - len(p.input_ids):] = 1
+    ids, mask = left_pad([p.input_ids for p in prompts], pad_id)
+    width = ids.shape[1]
     sampler = CaptureSampler(prompts, spec, k, num_samples, sample_seed)
     # A neutral config in place of the teacher's own, so that `generate` fills nothing in
     # from it (a hub config's repetition penalty would change the logits we are handed).
@@ -176,10 +181,5 @@ def generate_outputs(
         emitted = out[b, width: width + len(reply)].cpu().tolist()
         if emitted != reply:  # generate must have followed our choices exactly
             raise RuntimeError("generate did not follow the capture sampler's tokens")
-        n_prompt = len(p.input_ids)
-        input_ids = np.concatenate([p.input_ids, np.asarray(reply, dtype=np.int64)])
-        supervised = np.zeros(len(input_ids) - 1, dtype=bool)
-        supervised[n_prompt - 1:] = True
-        seq = TokenizedSequence(p.seq_id, input_ids, supervised)
-        results.append((seq, stack_stats(sampler.stats[b], k, num_samples)))
+        results.append((reply_sequence(p, reply), stack_stats(sampler.stats[b], k, num_samples)))
     return results

@@ -31,6 +31,18 @@ def uniforms_seed(seed: int, seq_id: int) -> int:
     return (seed * 1_000_003 + seq_id) % (2**63)
 
 
+def left_pad(prompts: list, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, T] and attention mask [B, T] of token-id lists or arrays (what
+    `generate` takes: every row's last token is its last real one)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[b, width - len(p):] = 1
+    return ids, mask
+
+
 def sequence_uniforms(seq_id: int, positions: int, num_samples: int, seed: int) -> torch.Tensor:
     """The uniforms [positions, num_samples] behind one sequence's samples: a generator of
     its own per (seed, seq_id), so samples do not depend on batching, order or ranks. (The

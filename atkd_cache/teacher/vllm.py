@@ -153,7 +153,7 @@ class VllmTeacher:
         import vllm
         from vllm.inputs import TokensPrompt
 
-        from atkd_cache.teacher.generate import reply_seed
+        from atkd_cache.teacher.generate import reply_seed, reply_sequence
 
         # (dump.py has refused prompts that with max_new_tokens exceed max_model_len)
         results = []
@@ -178,10 +178,7 @@ class VllmTeacher:
             for p, out in zip(chunk, outs, strict=True):
                 done = out.outputs[0]
                 reply = np.asarray(done.token_ids, dtype=np.int64)
-                ids = np.concatenate([p.input_ids, reply])
-                supervised = np.zeros(len(ids) - 1, dtype=bool)
-                supervised[len(p.input_ids) - 1:] = True
-                seq = TokenizedSequence(p.seq_id, ids, supervised)
+                seq = reply_sequence(p, reply)
                 target_lp, topk_ids, topk_lp = self._ranked(done.logprobs, reply)
                 results.append((seq, self._position_arrays(target_lp, topk_ids, topk_lp)))
             if on_done is not None:

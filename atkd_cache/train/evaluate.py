@@ -30,6 +30,7 @@ from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, row_terms
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_device
+from atkd_cache.teacher.hf import left_pad
 from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader, raise_on_error
 from atkd_cache.train.student import RowLogits, check_ids
 from atkd_cache.train.trainer import forward_rows, sparse_teacher
@@ -156,12 +157,8 @@ def generate_reply_ids(
     out: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
+        ids, mask = left_pad([prompts[i] for i in idx], pad)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -251,12 +248,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         pairs = generation_prompts(load_rows(cfg.data), tokenizer, cfg.data)
         prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
         samples = {"reference": refs}
-        reply_ids = {}
-        for role, path in (("student", cfg.model), ("teacher", cfg.teacher)):
-            if path is None:
-                continue
-            lm = model if role == "student" else load_causal_lm(
-                path, dtype="fp32", device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        reply_ids, models = {}, {"student": model}
+        if cfg.teacher is not None:
+            models["teacher"] = load_causal_lm(cfg.teacher, dtype="fp32", device=cfg.device,
+                                               trust_remote_code=cfg.trust_remote_code)
+        for role, lm in models.items():
             reply_ids[role] = generate_reply_ids(lm, tokenizer, prompts, cfg.max_new_tokens,
                                                  cfg.gen_batch_size, cfg.device)
             replies = decode_replies(tokenizer, reply_ids[role])
@@ -265,9 +261,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         if cfg.teacher is not None:  # the student's replies against the teacher's
             result["student"]["rouge_l_to_teacher"] = rouge_l(samples["student"],
                                                               samples["teacher"])
-            scores = reply_logprobs(lm, prompts, reply_ids["student"], cfg.device)
+            teacher = models["teacher"]
+            scores = reply_logprobs(teacher, prompts, reply_ids["student"], cfg.device)
             result["student"]["teacher_logprob"] = float(np.nanmean(scores))
-            own = reply_logprobs(lm, prompts, reply_ids["teacher"], cfg.device)
+            own = reply_logprobs(teacher, prompts, reply_ids["teacher"], cfg.device)
             result["teacher"]["teacher_logprob"] = float(np.nanmean(own))  # the ceiling
             samples["teacher_logprob_of_student"] = scores
         result["generations"] = len(prompts)
