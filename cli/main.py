@@ -10,7 +10,18 @@ import sys
 import click
 
 from atkd_cache.errors import UserError
-from atkd_cache.losses.names import BASES, LOSSES, SPLITS, TAILS
+from atkd_cache.losses.names import BASES, LOSSES, MIXES, SPLITS, TAILS
+
+
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    """--teacher-weights "0.7,0.3" -> (0.7, 0.3)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise UserError(f"--teacher-weights {text!r}: give numbers separated by commas, one "
+                        f"per --cache (e.g. 0.7,0.3)") from None
 
 
 def user_errors(fn):
@@ -231,7 +242,13 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 
 
 @main.command("train-student")
-@click.option("--cache", required=True, help="Cache folder or fsspec URL.")
+@click.option("--cache", required=True, multiple=True,
+              help="Cache folder or fsspec URL; repeat it for several teachers' caches of the "
+                   "same data.")
+@click.option("--teacher-weights", default=None,
+              help="Several caches: comma-separated weights, one per --cache (default equal).")
+@click.option("--mix", type=click.Choice(MIXES), default="mixture", show_default=True,
+              help="Several caches: how the teachers join (docs/losses.md §7).")
 @click.option("--student", required=True, help="Student: HF folder, hub id, or .gguf file.")
 @click.option("--output", "-o", required=True, help="Run folder (checkpoints, metrics, model).")
 @click.option("--tokenizer", default=None, help="Student tokenizer if not the student's own.")
@@ -302,8 +319,11 @@ def train_student_cmd(**kw) -> None:
         loss=kw.pop("loss"), base=kw.pop("base"), alpha=kw.pop("alpha"),
         hard_ratio=kw.pop("hard_ratio"), split=kw.pop("split_scope"), tail=kw.pop("tail"),
         ce_weight=kw.pop("ce_weight"), temperature=kw.pop("temperature"),
-        beta=kw.pop("beta"), skew=kw.pop("skew"),
+        beta=kw.pop("beta"), skew=kw.pop("skew"), mix=kw.pop("mix"),
+        teacher_weights=parse_weights(kw.pop("teacher_weights")),
     )
+    caches = list(kw.pop("cache"))
+    kw["cache"] = caches[0] if len(caches) == 1 else caches
     loader = LoaderConfig(
         batch_tokens=kw.pop("batch_tokens"), pack=kw.pop("pack"), seed=kw["seed"],
         shuffle_buffer=kw.pop("shuffle_buffer"), num_workers=kw.pop("num_workers"),
@@ -320,7 +340,12 @@ def train_student_cmd(**kw) -> None:
 
 @main.command("evaluate")
 @click.option("--model", default=None, help="Student to evaluate: HF folder, hub id, or .gguf.")
-@click.option("--cache", default=None, help="Held-out cache: NLL, agreement, KL, ECE.")
+@click.option("--cache", multiple=True,
+              help="Held-out cache: NLL, agreement, KL, ECE; repeat it for several teachers' "
+                   "caches of the same data (KL and agreement to each and to the joined one).")
+@click.option("--teacher-weights", default=None, help="Several caches: one weight per --cache.")
+@click.option("--mix", type=click.Choice(MIXES), default="mixture", show_default=True,
+              help="Several caches: how the teachers join.")
 @click.option("--data", "source", default=None,
               help="Prompt/response or chat data: greedy replies scored by ROUGE-L.")
 @click.option("--split", default="train", show_default=True)
@@ -346,6 +371,7 @@ def train_student_cmd(**kw) -> None:
 def evaluate_cmd(**kw) -> None:
     """Evaluate a student on a held-out cache and/or replies; plot training curves."""
     from atkd_cache.data import DataSpec
+    from atkd_cache.losses.kd import LossConfig
     from atkd_cache.train.evaluate import EvalConfig, evaluate, format_table, plot_runs
 
     runs, plot_output = kw.pop("plot_runs"), kw.pop("plot_output")
@@ -358,6 +384,8 @@ def evaluate_cmd(**kw) -> None:
         if not runs:
             raise UserError("give --model (with --cache and/or --data), or --plot RUN")
         return
+    caches = list(kw.pop("cache"))
+    kw["cache"] = None if not caches else caches[0] if len(caches) == 1 else caches
     if kw["cache"] is None and kw["source"] is None:
         raise UserError("give --cache (held-out cache) and/or --data (replies to score)")
     from atkd_cache.paths import check_output_file
@@ -377,6 +405,7 @@ def evaluate_cmd(**kw) -> None:
         tokenizer=kw["tokenizer"], device=kw["device"], batch_tokens=kw["batch_tokens"],
         limit=kw["limit"], max_new_tokens=kw["max_new_tokens"], samples_out=kw["samples"],
         trust_remote_code=kw["trust_remote_code"],
+        loss=LossConfig(mix=kw["mix"], teacher_weights=parse_weights(kw["teacher_weights"])),
     ))
     if "partial" in result.get("cache_status", ""):
         click.echo(f"warning: {kw['cache']} is {result['cache_status']}: metrics cover those",

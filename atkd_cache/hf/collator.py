@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,13 @@ def row_sequence(row: dict) -> CachedSequence:
     )
 
 
+def _teacher_view(row: dict, prefix: str) -> dict:
+    """A row as seen by another teacher: its tokens and labels, that teacher's columns."""
+    view = {k: row[k] for k in ("seq_index", "input_ids", "labels") if k in row}
+    view.update({k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)})
+    return view
+
+
 @dataclass
 class KDCollator:
     """Pads (or, with `pack`, concatenates) a list of rows into the loader's micro-batch:
@@ -63,7 +71,13 @@ class KDCollator:
                 "a Trainer dropped them as unused; use atkd_cache.hf.KDTrainer (or "
                 "KDLossMixin), or TrainingArguments(remove_unused_columns=False)")
         seqs = [row_sequence(f) for f in features]
-        batch = collate(seqs, self.pack)
+        others = []
+        for i in itertools.count(1):  # several teachers: columns teacher{i}_<name>
+            prefix = f"teacher{i}_"
+            if prefix + "target_logprob" not in features[0]:
+                break
+            others.append([row_sequence(_teacher_view(f, prefix)) for f in features])
+        batch = collate(seqs, self.pack, tuple(others))
         labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX, dtype=torch.int64)
         flat = labels.view(-1)  # the token at row r + 1 is the label of position r
         flat[batch["rows"] + 1] = batch["target_ids"]

@@ -16,6 +16,11 @@ works unchanged; the teacher rows are in the order of the supervised positions, 
 position t (predicting token t + 1) being the j-th where labels[t + 1] is the j-th label not
 -100 — the alignment `train-student` uses (docs/cache-format.md).
 
+Several caches of the same data (several teachers, cache/join.py): the first cache's columns
+as above, then teacher i's as "teacher{i}_<name>" (i = 1, 2, ...; its target_logprob,
+entropy, uncertainty, hard and top-k or sample columns); each row is checked to hold the same
+tokens in every cache.
+
 The streaming view has one `datasets` shard per cache shard, so `datasets` splits the cache
 across DataLoader workers and ranks (`split_dataset_by_node`, or accelerate under a Trainer)
 by whole shards, each read once.
@@ -23,24 +28,45 @@ by whole shards, each read once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
 
+from atkd_cache.cache.join import check_joinable, joined_identity, same_sequence
 from atkd_cache.cache.reader import CachedSequence, open_cache
+from atkd_cache.errors import UserError
+from atkd_cache.train.loader import AlignedReader
 
 IGNORE_INDEX = -100  # transformers' "not a label"
 
 
-def features(mode: str, top_k: int):
-    """The `datasets.Features` of a cache's rows (`mode` "topk" or "sampled")."""
-    from datasets import Array2D, Features, List, Value
+def features(mode: str, top_k: int, more: list[tuple[str, int]] = ()):
+    """The `datasets.Features` of a cache's rows (`mode` "topk" or "sampled"); `more`:
+    (mode, top_k) of further teachers' caches, whose columns are prefixed teacher{i}_."""
+    from datasets import Features, Value
 
     cols = {
         "seq_index": Value("int64"),
-        "input_ids": List(Value("int32")),
-        "attention_mask": List(Value("int8")),
-        "labels": List(Value("int64")),
+        **_sequence_features(),
+        **_teacher_features(mode, top_k),
+    }
+    for i, (m, k) in enumerate(more, start=1):
+        cols.update({f"teacher{i}_{name}": f for name, f in _teacher_features(m, k).items()})
+    return Features(cols)
+
+
+def _sequence_features() -> dict:
+    from datasets import List, Value
+
+    return {"input_ids": List(Value("int32")), "attention_mask": List(Value("int8")),
+            "labels": List(Value("int64"))}
+
+
+def _teacher_features(mode: str, top_k: int) -> dict:
+    from datasets import Array2D, List, Value
+
+    cols = {
         "target_logprob": List(Value("float32")),
         "entropy": List(Value("float32")),
         "uncertainty": List(Value("float32")),
@@ -52,7 +78,7 @@ def features(mode: str, top_k: int):
     else:
         cols.update(sample_sizes=List(Value("int32")), sample_ids=List(Value("int32")),
                     sample_counts=List(Value("int16")))
-    return Features(cols)
+    return cols
 
 
 def labels_of(seq) -> np.ndarray:
@@ -62,13 +88,25 @@ def labels_of(seq) -> np.ndarray:
     return labels
 
 
-def sequence_row(seq: CachedSequence) -> dict[str, np.ndarray | int]:
-    """One cached sequence as a dataset row (the columns in the module docstring)."""
+def sequence_row(seq: CachedSequence, others: list[CachedSequence] = ()
+                 ) -> dict[str, np.ndarray | int]:
+    """One cached sequence as a dataset row (the columns in the module docstring); `others`:
+    the same sequence in further teachers' caches."""
     row = {
         "seq_index": seq.index,
         "input_ids": seq.input_ids.astype(np.int32),
         "attention_mask": np.ones(len(seq.input_ids), dtype=np.int8),
         "labels": labels_of(seq),
+        **teacher_row(seq),
+    }
+    for i, other in enumerate(others, start=1):
+        row.update({f"teacher{i}_{k}": v for k, v in teacher_row(other).items()})
+    return row
+
+
+def teacher_row(seq: CachedSequence) -> dict[str, np.ndarray]:
+    """A sequence's teacher columns."""
+    row = {
         "target_logprob": seq.target_logprob.astype(np.float32),
         "entropy": seq.entropy.astype(np.float32),
         "uncertainty": seq.uncertainty.astype(np.float32),
@@ -84,25 +122,37 @@ def sequence_row(seq: CachedSequence) -> dict[str, np.ndarray | int]:
     return row
 
 
-def _rows(path: str, shards: list[int], check: bool, identity: str = "") -> Iterator[dict]:
-    """The rows of some shards of a cache, in cache order. `identity` is unused here: it is
-    part of `datasets`' cache key, so a changed cache at the same path is not served stale."""
-    cache = open_cache(path, check=check)
+def _rows(path: str | tuple[str, ...], shards: list[int], check: bool, identity: str = ""
+          ) -> Iterator[dict]:
+    """The rows of some shards of a cache (several: the first's shards, the same sequences
+    read from the others), in cache order. `identity` is unused here: it is part of
+    `datasets`' cache key, so a changed cache at the same path is not served stale."""
+    paths = [path] if isinstance(path, str) else list(path)
+    cache, *more = [open_cache(p, check=check) for p in paths]
+    aligned = [AlignedReader(c, cache, shards, depth=0) for c in more]
     for shard in shards:
         arrays = cache.read_shard(shard)
         for local in range(cache.shard_rows[shard]["num_sequences"]):
-            yield sequence_row(cache.sequence_in(arrays, shard, local))
+            seq = cache.sequence_in(arrays, shard, local)
+            others = [a.sequence(seq.index, shard) for a in aligned]
+            for a, other in zip(aligned, others, strict=True):
+                same_sequence(seq, other, a.cache.path)
+            yield sequence_row(seq, others)
+        for a in aligned:
+            a.release(shard)
 
 
 def cache_dataset(
-    path: str,
+    path: str | list[str],
     streaming: bool = True,
     shuffle_buffer: int = 0,
     seed: int = 0,
     check: bool = True,
     cache_dir: str | None = None,
 ):
-    """A cache (local path or fsspec URL) as a `datasets` dataset of one row per sequence.
+    """A cache (local path or fsspec URL) as a `datasets` dataset of one row per sequence;
+    a list of paths: several teachers' caches of the same data, one row per sequence with
+    every teacher's columns (module docstring).
 
     streaming=True: an `IterableDataset` read shard by shard (nothing is copied), with one
     `datasets` shard per cache shard; `shuffle_buffer` > 0 shuffles the shard order by `seed`
@@ -112,16 +162,35 @@ def cache_dataset(
     `check` compares every shard with the manifest's sha256 as it is read."""
     import datasets
 
-    cache = open_cache(path, check=check)
-    card = cache.card
-    kwargs = {"path": str(path), "shards": list(range(len(cache.shard_rows))), "check": check}
-    feats = features(card.mode, card.top_k)
+    paths = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
+    caches = [open_cache(p, check=check) for p in paths]
+    check_joinable(caches)
+    cache, card = caches[0], caches[0].card
+    # a tuple: `datasets` shards its generator over the one list (the shards), not the paths
+    kwargs = {"path": paths[0] if len(paths) == 1 else tuple(paths),
+              "shards": list(range(len(cache.shard_rows))), "check": check}
+    feats = features(card.mode, card.top_k, [(c.card.mode, c.card.top_k) for c in caches[1:]])
     if streaming:
         ds = datasets.IterableDataset.from_generator(_rows, features=feats, gen_kwargs=kwargs)
         return ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else ds
     # The identity (content fingerprint + committed shards) keys datasets' own cache.
-    kwargs["identity"] = f"{card.identity}/{len(cache.shard_rows)}"
-    ds = datasets.Dataset.from_generator(
-        _rows, features=feats, gen_kwargs=kwargs, cache_dir=cache_dir
-    )
+    kwargs["identity"] = f"{joined_identity(caches)}/{len(cache.shard_rows)}"
+    try:
+        ds = datasets.Dataset.from_generator(
+            _rows, features=feats, gen_kwargs=kwargs, cache_dir=cache_dir
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise _our_error(e) from None
     return ds.shuffle(seed=seed) if shuffle_buffer else ds
+
+
+def _our_error(e: BaseException) -> BaseException:
+    """The UserError (e.g. DamagedCache) that `datasets` wrapped in its generic
+    DatasetGenerationError, so the user reads our one line, not "An error occurred while
+    generating the dataset"; `e` itself if there is none."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return e

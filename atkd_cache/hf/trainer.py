@@ -70,7 +70,9 @@ class KDLossMixin:
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        self._signature_columns += [c for c in TEACHER_COLUMNS
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        more = [c for c in columns if c.startswith("teacher")]  # several teachers' columns
+        self._signature_columns += [c for c in (*TEACHER_COLUMNS, *more)
                                     if c not in self._signature_columns]
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -90,8 +92,9 @@ class KDLossMixin:
             outputs = model(**forward, use_cache=False, logits_to_keep=1)
         rows = inputs["rows"]
         picked = hidden[-1].flatten(0, 1).index_select(0, rows)
+        teacher = sparse_teacher(inputs, picked.device, self.kd_loss_config)
         out = loss_at_rows(
-            picked, inner.get_output_embeddings(), sparse_teacher(inputs, picked.device),
+            picked, inner.get_output_embeddings(), teacher,
             self.kd_loss_config, inputs["group_offsets"],
             getattr(inner.config, "final_logit_softcapping", None), self.fused_head,
         )

@@ -18,7 +18,7 @@ import torch
 
 from atkd_cache.losses.bucket import BucketedPair, bucketize
 from atkd_cache.losses.divergences import DIVERGENCES, divergence
-from atkd_cache.losses.names import LOSSES, SPLITS
+from atkd_cache.losses.names import LOSSES, MIXES, SPLITS
 from atkd_cache.losses.sampled import sampled_terms
 from atkd_cache.split import hard_labels, hard_labels_grouped
 
@@ -60,6 +60,9 @@ class LossConfig:
     split: str = "cache"  # cache labels | re-split per sequence | per batch
     hard_ratio: float = 0.5  # rho, for split = sequence | batch
     chunk_rows: int | None = None
+    # several teachers (losses/teachers.py): how they join, and their weights (None: equal)
+    mix: str = "mixture"
+    teacher_weights: tuple[float, ...] | None = None
 
     def check(self) -> None:
         """Raise ValueError on an unknown or out-of-range setting."""
@@ -74,6 +77,8 @@ class LossConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
 
     def check_sampled(self) -> None:
         """Raise ValueError if this loss cannot use a sampled teacher."""

@@ -5,3 +5,4 @@ LOSSES = ("atkd", "kd", "ce")
 BASES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")  # the divergences, in docs order
 SPLITS = ("cache", "sequence", "batch")
 TAILS = ("bucket", "renorm")
+MIXES = ("mixture", "confident", "route-by-hard")  # how several teachers join

@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 
 from atkd_cache.losses.kd import SparseTeacher
+from atkd_cache.losses.names import MIXES
 from atkd_cache.losses.sampled import log1mexp
 from atkd_cache.split import hard_labels_grouped
 
-MIXES = ("mixture", "confident", "route-by-hard")
 NEG_INF = float("-inf")
 
 

@@ -18,6 +18,7 @@ token of the student's reply (its tokens up to and including EOS), averaged over
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,14 +27,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from atkd_cache.cache.join import check_joinable
+from atkd_cache.cache.reader import open_cache
 from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, row_terms
+from atkd_cache.losses.teachers import normalise_weights
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width, resolve_device
 from atkd_cache.teacher.hf import left_pad
 from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader, raise_on_error
 from atkd_cache.train.student import RowLogits, check_ids
-from atkd_cache.train.trainer import forward_rows, sparse_teacher
+from atkd_cache.train.trainer import batch_teachers, forward_rows, sparse_teacher
 
 ECE_BINS = 15
 
@@ -93,10 +97,17 @@ class _Tally:
 
 
 def teacher_top1(t: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's most probable id and its probability; for a sampled cache, the most
-    drawn id and its share of the draws (an estimate)."""
+    """The teacher's most probable id and its probability, over its top-k and the target
+    (a joined teacher's columns are not sorted); for a sampled cache, the most drawn id and
+    its share of the draws (an estimate)."""
     if not t.sampled:
-        return t.topk_ids[:, 0], torch.exp(t.topk_logprobs[:, 0].float())
+        lp = torch.where(t.topk_ids == t.target_ids[:, None], float("-inf"),
+                         t.topk_logprobs.float())
+        best, col = lp.max(dim=1)
+        target = t.target_logprob.float()
+        is_target = target > best
+        top_id = torch.where(is_target, t.target_ids, t.topk_ids.gather(1, col[:, None])[:, 0])
+        return top_id, torch.exp(torch.maximum(target, best))
     counts = t.sample_counts.float()
     best, col = counts.max(dim=1)
     return t.sample_ids.gather(1, col[:, None])[:, 0], best / counts.sum(1).clamp(min=1.0)
@@ -104,22 +115,37 @@ def teacher_top1(t: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def cache_metrics(
-    model, cache: str, device: str = "cpu", batch_tokens: int = 8192, limit: int | None = None,
-    name: str = "student",
+    model, cache: str | list[str], device: str = "cpu", batch_tokens: int = 8192,
+    limit: int | None = None, name: str = "student", loss_cfg: LossConfig | None = None,
 ) -> dict:
-    """Student and teacher metrics over the (first `limit`) sequences of a cache."""
+    """Student and teacher metrics over the (first `limit`) sequences of a cache. Several
+    caches (teachers of the same data): "student"/"teacher" are against the teachers joined
+    as `loss_cfg` says (mix, weights), and "per_teacher" holds the student's agreement and
+    KL to each teacher and that teacher's own NLL and accuracy."""
     net = RowLogits(model).eval()
     width = logits_width(model)
-    dataset = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, shuffle=False,
+    paths = [cache] if isinstance(cache, str) else list(cache)
+    caches = [open_cache(p) for p in paths]
+    check_joinable(caches)
+    if len(caches) > 1:  # the joined teacher is labelled as dump-teacher labels a cache
+        try:
+            normalise_weights((loss_cfg or LossConfig()).teacher_weights, len(caches))
+        except ValueError as e:
+            raise UserError(f"--teacher-weights: {e}") from None
+        loss_cfg = dataclasses.replace(loss_cfg or LossConfig(),
+                                       hard_ratio=caches[0].card.hard_ratio)
+    dataset = CacheDataset(paths, LoaderConfig(batch_tokens=batch_tokens, shuffle=False,
                                                num_workers=0))
     student, teacher = _Tally.empty(), _Tally.empty()
+    each = [_Tally.empty() for _ in paths] if len(paths) > 1 else []
+    own = [_Tally.empty() for _ in each]
     tokens, sequences = 0, 0
     dev = torch.device(device)
     for batch in raise_on_error(make_loader(dataset)):
         if limit is not None and sequences >= limit:
             break
         check_ids(int(batch["max_id"]), width, name)
-        t = sparse_teacher(batch, dev)
+        t = sparse_teacher(batch, dev, loss_cfg)
         logits = forward_rows(net, batch, dev).float()
         lse = torch.logsumexp(logits, dim=-1)
         top, pred = logits.max(dim=-1)
@@ -130,13 +156,29 @@ def cache_metrics(
                     pred == top1_id, t.hard, kl)
         teacher.add(-t.target_logprob, top1_p, top1_id == t.target_ids,
                     torch.ones_like(t.hard), t.hard, torch.zeros_like(kl))
+        for tally, mine, ti in zip(each, own, batch_teachers(batch, dev), strict=False):
+            ti_id, ti_p = teacher_top1(ti)
+            ti_kl = row_terms(logits, ti, LossConfig(loss="kd", base="fkl"))["fkl"]
+            tally.add(lse - target_logit, torch.exp(top - lse), pred == t.target_ids,
+                      pred == ti_id, ti.hard, ti_kl)
+            mine.add(-ti.target_logprob, ti_p, ti_id == t.target_ids, ti_id == top1_id,
+                     ti.hard, torch.zeros_like(kl))
         tokens += logits.shape[0]
         sequences += len(batch["seq_index"])
     if tokens == 0:
         return {"tokens": 0}
-    out_student, out_teacher = student.summary(), teacher.summary()
-    return {"tokens": tokens, "sequences": sequences, "student": out_student,
-            "teacher": out_teacher, "cache_status": dataset.cache.status_line()}
+    out = {"tokens": tokens, "sequences": sequences, "student": student.summary(),
+           "teacher": teacher.summary(), "cache_status": dataset.cache.status_line()}
+    if each:
+        out["per_teacher"] = [
+            {"cache": path,
+             "student_kl_to_teacher": s["kl_to_teacher"],
+             "student_top1_agreement": s["top1_agreement"],
+             "teacher_nll": o["nll"], "teacher_accuracy": o["accuracy"],
+             "teacher_top1_agreement_with_joined": o["top1_agreement"]}
+            for path, s, o in zip(paths, (x.summary() for x in each),
+                                  (x.summary() for x in own), strict=True)]
+    return out
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
@@ -217,7 +259,7 @@ class EvalConfig:
     """What `evaluate` measures; the CLI fills it from flags."""
 
     model: str
-    cache: str | None = None
+    cache: str | list[str] | None = None  # several: teachers of the same data, joined by `loss`
     data: DataSpec | None = None  # prompt/response or chat data for ROUGE-L
     teacher: str | None = None  # also generate with the teacher for its ROUGE-L
     tokenizer: str | None = None
@@ -228,6 +270,7 @@ class EvalConfig:
     gen_batch_size: int = 8
     samples_out: str | None = None  # JSONL of prompts, replies and references
     trust_remote_code: bool = False
+    loss: LossConfig | None = None  # several caches: mix and teacher_weights
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -237,12 +280,15 @@ def evaluate(cfg: EvalConfig) -> dict:
                            trust_remote_code=cfg.trust_remote_code)
     result: dict = {"model": cfg.model, "student": {}, "teacher": {}}
     if cfg.cache:
-        m = cache_metrics(model, cfg.cache, cfg.device, cfg.batch_tokens, cfg.limit, cfg.model)
+        m = cache_metrics(model, cfg.cache, cfg.device, cfg.batch_tokens, cfg.limit, cfg.model,
+                          cfg.loss)
         result["cache"] = cfg.cache
         result["tokens"] = m["tokens"]
         result["cache_status"] = m.get("cache_status", "")
         result["student"].update(m.get("student", {}))
         result["teacher"].update(m.get("teacher", {}))
+        if "per_teacher" in m:
+            result["per_teacher"] = m["per_teacher"]
     if cfg.data is not None:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
         pairs = generation_prompts(load_rows(cfg.data), tokenizer, cfg.data)
@@ -286,6 +332,10 @@ def format_table(result: dict) -> str:
             v = result.get(role, {}).get(key)
             cells.append(f"{v:12.5g}" if isinstance(v, float) else f"{'-':>12s}")
         lines.append(f"{key:18s} {cells[0]} {cells[1]}")
+    for i, row in enumerate(result.get("per_teacher", [])):
+        lines.append(f"teacher {i} ({row['cache']}): student KL {row['student_kl_to_teacher']:.5g}"
+                     f", agreement {row['student_top1_agreement']:.5g}; its nll "
+                     f"{row['teacher_nll']:.5g}, accuracy {row['teacher_accuracy']:.5g}")
     return "\n".join(lines)
 
 

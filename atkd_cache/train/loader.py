@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from atkd_cache.cache.join import same_sequence
 from atkd_cache.cache.reader import Cache, CachedSequence, open_cache
 from atkd_cache.errors import UserError
 
@@ -208,11 +209,33 @@ def pad_samples(
     return out_ids, out_counts
 
 
-def collate(seqs: list[CachedSequence], pack: bool) -> dict[str, torch.Tensor]:
+def teacher_arrays(seqs: list[CachedSequence], prefix: str = "") -> dict[str, torch.Tensor]:
+    """One teacher's rows of a micro-batch (the sequences' supervised positions in order),
+    as tensors named `prefix + name`."""
+    sampled = seqs[0].sample_ids is not None
+    names = ("target_logprob", "uncertainty", "entropy", "hard")
+    names += ("sample_sizes", "sample_ids", "sample_counts") if sampled else (
+        "topk_ids", "topk_logprobs")
+    cat = {name: np.concatenate([getattr(s, name) for s in seqs]) for name in names}
+    out = {name: torch.from_numpy(cat[name]) for name in names[:4]}
+    if sampled:
+        ids, draws = pad_samples(cat["sample_sizes"], cat["sample_ids"], cat["sample_counts"])
+        out.update(sample_ids=torch.from_numpy(ids), sample_counts=torch.from_numpy(draws))
+    else:
+        out.update(topk_ids=torch.from_numpy(cat["topk_ids"].astype(np.int32)),
+                   topk_logprobs=torch.from_numpy(cat["topk_logprobs"]))
+    return {prefix + name: value for name, value in out.items()}
+
+
+def collate(
+    seqs: list[CachedSequence], pack: bool, others: tuple[list[CachedSequence], ...] = ()
+) -> dict[str, torch.Tensor]:
     """Build one micro-batch from sequences read from a cache.
 
     `rows` indexes the flattened [B * T] positions whose next token is supervised, in the
-    same order as the teacher arrays; `group_offsets` delimits each sequence's rows."""
+    same order as the teacher arrays; `group_offsets` delimits each sequence's rows.
+    `others`: the same sequences read from more caches (several teachers); teacher i's
+    arrays are named "teacher{i}.<name>" (i = 1, 2, ...)."""
     lengths = [len(s.input_ids) for s in seqs]
     if pack:
         input_ids = np.concatenate([s.input_ids for s in seqs])[None].astype(np.int64)
@@ -230,33 +253,23 @@ def collate(seqs: list[CachedSequence], pack: bool) -> dict[str, torch.Tensor]:
         start + np.flatnonzero(s.supervised) for start, s in zip(starts, seqs, strict=True)
     ]
     counts = [len(r) for r in rows_of]
-    sampled = seqs[0].sample_ids is not None
-    names = ("target_logprob", "uncertainty", "entropy", "hard", "target_ids")
-    names += ("sample_sizes", "sample_ids", "sample_counts") if sampled else (
-        "topk_ids", "topk_logprobs")
-    cat = {name: np.concatenate([getattr(s, name) for s in seqs]) for name in names}
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "rows": torch.from_numpy(np.concatenate(rows_of).astype(np.int64)),
         "group_offsets": torch.from_numpy(np.cumsum([0, *counts]).astype(np.int64)),
         "seq_index": torch.tensor([s.index for s in seqs], dtype=torch.int64),
-        "target_ids": torch.from_numpy(cat["target_ids"].astype(np.int64)),
-        "target_logprob": torch.from_numpy(cat["target_logprob"]),
-        "uncertainty": torch.from_numpy(cat["uncertainty"]),
-        "entropy": torch.from_numpy(cat["entropy"]),
-        "hard": torch.from_numpy(cat["hard"]),
+        "target_ids": torch.from_numpy(
+            np.concatenate([s.target_ids for s in seqs]).astype(np.int64)),
         "real_tokens": torch.tensor(sum(lengths)),
+        **teacher_arrays(seqs),
     }
-    if sampled:
-        ids, draws = pad_samples(cat["sample_sizes"], cat["sample_ids"], cat["sample_counts"])
-        batch.update(sample_ids=torch.from_numpy(ids), sample_counts=torch.from_numpy(draws))
-    else:
-        batch.update(topk_ids=torch.from_numpy(cat["topk_ids"].astype(np.int32)),
-                     topk_logprobs=torch.from_numpy(cat["topk_logprobs"]))
-    teacher_ids = batch["sample_ids" if sampled else "topk_ids"]
-    batch["max_id"] = torch.tensor(
-        max(int(input_ids.max()), int(teacher_ids.max()) if teacher_ids.numel() else 0)
-    )
+    max_id = int(input_ids.max())
+    for i, more in enumerate(others, start=1):  # the same sequences, another teacher each
+        batch.update(teacher_arrays(more, prefix=f"teacher{i}."))
+    for key, value in batch.items():
+        if key.endswith(("topk_ids", "sample_ids")) and value.numel():
+            max_id = max(max_id, int(value.max()))
+    batch["max_id"] = torch.tensor(max_id)
     if pack:
         batch["position_ids"] = torch.from_numpy(position_ids.astype(np.int64))
     else:
@@ -294,36 +307,91 @@ class ShardReadAhead:
             self.pool.shutdown(wait=False)
 
 
+class AlignedReader:
+    """Another cache's copy of the lead cache's sequences, by sequence index. With the same
+    shard plan (the usual case: the same data and --shard-positions) shard s of the lead is
+    shard s here: read ahead in the same order and dropped with it, so two caches cost what
+    reading them one after the other costs. Otherwise each sequence is looked up by index,
+    keeping the last two shards decoded."""
+
+    KEEP = 2
+
+    def __init__(self, cache: Cache, lead: Cache, order: list[int], depth: int):
+        self.cache = cache
+        plan = [(r["first_sequence"], r["num_sequences"]) for r in cache.shard_rows]
+        self.same_plan = plan == [(r["first_sequence"], r["num_sequences"])
+                                  for r in lead.shard_rows]
+        self.reader = ShardReadAhead(cache, order if self.same_plan else [],
+                                     depth if self.same_plan else 0)
+        self.loaded: dict[int, dict[str, np.ndarray]] = {}
+
+    def sequence(self, index: int, lead_shard: int) -> CachedSequence:
+        """Sequence `index` (global, in cache order) of this cache."""
+        shard = lead_shard if self.same_plan else self._shard_of(index)
+        if shard not in self.loaded:
+            if not self.same_plan and len(self.loaded) >= self.KEEP:
+                self.loaded.pop(next(iter(self.loaded)))
+            self.loaded[shard] = self.reader.get(shard)
+        local = index - self.cache.shard_rows[shard]["first_sequence"]
+        return self.cache.sequence_in(self.loaded[shard], shard, local)
+
+    def _shard_of(self, index: int) -> int:
+        for shard, row in enumerate(self.cache.shard_rows):
+            if row["first_sequence"] <= index < row["first_sequence"] + row["num_sequences"]:
+                return shard
+        raise UserError(f"{self.cache.path} has not committed sequence {index}")
+
+    def release(self, lead_shard: int) -> None:
+        """The lead is done with a shard: so is a cache of the same plan."""
+        if self.same_plan:
+            self.loaded.pop(lead_shard, None)
+
+    def close(self) -> None:
+        """Stop reading ahead."""
+        self.reader.close()
+
+
 class CacheDataset(IterableDataset):
     """Micro-batches of one rank's share of a cache for one epoch (`set_epoch` between
     epochs). Every DataLoader worker opens the cache itself, lazily: fsspec clients are not
-    fork-safe. Batches carry `slot` and `seq_index` so the trainer can keep a `Cursor`."""
+    fork-safe. Batches carry `slot` and `seq_index` so the trainer can keep a `Cursor`.
+
+    Several paths: caches of the same sequences by several teachers (cache/join.py). The
+    first one's shards decide the plan; the others are read in lock-step and every sequence
+    is compared with the first's; batches carry their teachers as "teacher{i}.<name>"."""
 
     def __init__(
         self,
-        path: str,
+        path: str | list[str] | tuple[str, ...],
         cfg: LoaderConfig,
         rank: int = 0,
         world_size: int = 1,
         resume: Cursor | None = None,
     ):
         cfg.check()
-        self.path, self.cfg = path, cfg
+        self.paths = [path] if isinstance(path, str) else list(path)
+        self.path, self.cfg = self.paths[0], cfg
         self.rank, self.world_size = rank, world_size
         self.epoch = resume.epoch if resume else 0
         self.resume = resume
-        self._cache: Cache | None = None
+        self._caches: list[Cache] | None = None
+
+    @property
+    def caches(self) -> list[Cache]:
+        """The opened caches, the lead first (opened on first use, in whichever process
+        uses them)."""
+        if self._caches is None:
+            self._caches = [open_cache(p, check=self.cfg.verify_reads) for p in self.paths]
+        return self._caches
 
     @property
     def cache(self) -> Cache:
-        """The opened cache (opened on first use, in whichever process uses it)."""
-        if self._cache is None:
-            self._cache = open_cache(self.path, check=self.cfg.verify_reads)
-        return self._cache
+        """The lead cache: its shards decide the plan."""
+        return self.caches[0]
 
     def __getstate__(self):  # never ship an opened store to a worker process
         state = dict(self.__dict__)
-        state["_cache"] = None
+        state["_caches"] = None
         return state
 
     def set_epoch(self, epoch: int) -> None:
@@ -404,7 +472,9 @@ class CacheDataset(IterableDataset):
         loaded: dict[int, dict[str, np.ndarray]] = {}
         pending: dict[int, int] = {}
         plan, skip = self.slot_plan(slot, on_shard=pending.__setitem__)
-        reader = ShardReadAhead(cache, self.owned_shards(slot), self.cfg.read_ahead)
+        owned = self.owned_shards(slot)
+        reader = ShardReadAhead(cache, owned, self.cfg.read_ahead)
+        aligned = [AlignedReader(c, cache, owned, self.cfg.read_ahead) for c in self.caches[1:]]
         try:
             for i, refs in enumerate(plan):
                 if i >= skip:
@@ -413,15 +483,24 @@ class CacheDataset(IterableDataset):
                         if shard not in loaded:
                             loaded[shard] = reader.get(shard)
                         seqs.append(cache.sequence_in(loaded[shard], shard, local))
-                    batch = collate(seqs, self.cfg.pack)
+                    others = tuple([a.sequence(s.index, ref[0]) for s, ref in zip(
+                        seqs, refs, strict=True)] for a in aligned)
+                    for a, more in zip(aligned, others, strict=True):
+                        for s, m in zip(seqs, more, strict=True):
+                            same_sequence(s, m, a.cache.path)
+                    batch = collate(seqs, self.cfg.pack, others)
                     batch["slot"] = torch.tensor(slot)
                     yield batch
                 for shard, _, _ in refs:
                     pending[shard] -= 1
                     if pending[shard] == 0:
                         loaded.pop(shard, None)
+                        for a in aligned:
+                            a.release(shard)
         finally:
             reader.close()
+            for a in aligned:
+                a.close()
 
 
 def raise_on_error(batches) -> Iterator[dict[str, torch.Tensor]]:

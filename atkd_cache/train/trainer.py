@@ -31,10 +31,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from atkd_cache import __version__
+from atkd_cache.cache.join import check_joinable, joined_identity
 from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError, first_line
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
+from atkd_cache.losses.teachers import join_teachers, normalise_weights
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
 from atkd_cache.paths import check_output_folder
 from atkd_cache.train import checkpoint, fsdp
@@ -56,7 +58,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 class TrainConfig:
     """Everything `train-student` needs; the CLI fills it from flags."""
 
-    cache: str
+    cache: str | list[str]  # one cache, or caches of the same data by several teachers
     student: str
     output: str
     tokenizer: str | None = None
@@ -189,23 +191,48 @@ def weights_sha256(model) -> str:
     return state_sha256(model.state_dict())
 
 
-def sparse_teacher(batch: dict, device: torch.device) -> SparseTeacher:
-    """The cached teacher rows of a micro-batch, on `device`, in the loss's types."""
-    def get(name):
-        return batch[name].to(device, non_blocking=True) if name in batch else None
+def batch_teachers(batch: dict, device: torch.device) -> list[SparseTeacher]:
+    """Each cache's teacher rows of a micro-batch (one per cache: the lead's arrays under
+    their names, teacher i's as "teacher{i}.<name>"), on `device`, in the loss's types."""
+    teachers = []
+    for i in itertools.count():
+        prefix = f"teacher{i}." if i else ""
+        if prefix + "target_logprob" not in batch:
+            return teachers
 
-    sampled = "sample_ids" in batch
-    return SparseTeacher(
-        topk_ids=None if sampled else get("topk_ids").long(),
-        topk_logprobs=None if sampled else get("topk_logprobs").float(),
-        target_ids=get("target_ids"),
-        target_logprob=get("target_logprob"),
-        hard=get("hard"),
-        uncertainty=get("uncertainty"),
-        entropy=get("entropy"),
-        sample_ids=get("sample_ids").long() if sampled else None,
-        sample_counts=get("sample_counts"),
-    )
+        def get(name, prefix=prefix):
+            key = prefix + name if name != "target_ids" else name
+            return batch[key].to(device, non_blocking=True) if key in batch else None
+
+        sampled = prefix + "sample_ids" in batch
+        teachers.append(SparseTeacher(
+            topk_ids=None if sampled else get("topk_ids").long(),
+            topk_logprobs=None if sampled else get("topk_logprobs").float(),
+            target_ids=get("target_ids"),
+            target_logprob=get("target_logprob"),
+            hard=get("hard"),
+            uncertainty=get("uncertainty"),
+            entropy=get("entropy"),
+            sample_ids=get("sample_ids").long() if sampled else None,
+            sample_counts=get("sample_counts"),
+        ))
+
+
+def cache_paths(cache: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The cache paths of a run (a run reads one cache, or several teachers' caches)."""
+    return [cache] if isinstance(cache, str) else list(cache)
+
+
+def sparse_teacher(batch: dict, device: torch.device, cfg: LossConfig | None = None
+                   ) -> SparseTeacher:
+    """The teacher a micro-batch trains on: its cache's rows, or several caches' joined as
+    `cfg` says (mix, teacher_weights, hard_ratio: losses/teachers.py)."""
+    teachers = batch_teachers(batch, device)
+    if len(teachers) == 1:
+        return teachers[0]
+    cfg = cfg or LossConfig()
+    return join_teachers(teachers, cfg.teacher_weights, cfg.mix, cfg.hard_ratio,
+                         batch["group_offsets"].to(device))
 
 
 def forward_rows(net, batch: dict, device: torch.device, **loss_kwargs):
@@ -241,7 +268,7 @@ def accumulate_gradients(
         elif d.world > 1 and not last:
             sync = net.no_sync()
         with sync:
-            teacher = sparse_teacher(b, d.device)
+            teacher = sparse_teacher(b, d.device, loss_cfg)
             offsets = b["group_offsets"].to(d.device)
             if fused:  # LM head + loss in one pass: no [N, V] logits
                 with autocast or contextlib.nullcontext():
@@ -324,7 +351,8 @@ def check_same_cache(cfg: TrainConfig, fingerprint: str) -> None:
     was = before.get("cache_fingerprint") or CacheCard.from_attrs(before["cache_card"]).identity
     if was != fingerprint:
         raise UserError(
-            f"--resume: {cfg.output} was trained on cache {was} but --cache {cfg.cache} is "
+            f"--resume: {cfg.output} was trained on cache {was} but --cache "
+            f"{' --cache '.join(cache_paths(cfg.cache))} is "
             f"{fingerprint}: resume with the cache the run started on"
         )
 
@@ -413,23 +441,40 @@ def train(cfg: TrainConfig, log=print) -> dict:
             dist.destroy_process_group()
 
 
-def open_training_cache(cfg: TrainConfig, log) -> Cache:
-    """The cache to train on, refusing an unfinished dump unless allow_partial (training on a
-    prefix of the data by accident would change the experiment without a word)."""
-    cache = open_cache(cfg.cache, check=cfg.loader.verify_reads)
-    if cache.status == "partial":
-        if not cfg.allow_partial:
-            raise UserError(
-                f"{cfg.cache} is {cache.status_line()}: let the dump finish (re-run the same "
-                f"dump-teacher command), or pass --allow-partial to train on what is committed"
-            )
-        log(f"warning: {cfg.cache} is {cache.status_line()}; training on those (--allow-partial)")
-    elif cache.status == "legacy":
-        log(f"warning: {cfg.cache} was written before atkd-cache recorded completion: it "
-            f"cannot tell whether its dump finished")
-    if len(cache) == 0:
-        raise UserError(f"{cfg.cache} has no committed sequences")
-    return cache
+def open_training_caches(cfg: TrainConfig, log) -> list[Cache]:
+    """The caches to train on (the lead first), refusing an unfinished dump unless
+    allow_partial (training on a prefix of the data by accident would change the experiment
+    without a word) and caches that cannot be read together (cache/join.py)."""
+    caches = []
+    for path in cache_paths(cfg.cache):
+        cache = open_cache(path, check=cfg.loader.verify_reads)
+        if cache.status == "partial":
+            if not cfg.allow_partial:
+                raise UserError(
+                    f"{path} is {cache.status_line()}: let the dump finish (re-run the same "
+                    f"dump-teacher command), or pass --allow-partial to train on what is "
+                    f"committed")
+            log(f"warning: {path} is {cache.status_line()}; training on those (--allow-partial)")
+        elif cache.status == "legacy":
+            log(f"warning: {path} was written before atkd-cache recorded completion: it "
+                f"cannot tell whether its dump finished")
+        if len(cache) == 0:
+            raise UserError(f"{path} has no committed sequences")
+        caches.append(cache)
+    check_joinable(caches, cfg.allow_partial)
+    if len(caches) > 1:
+        try:
+            normalise_weights(cfg.loss.teacher_weights, len(caches))
+        except ValueError as e:
+            raise UserError(f"--teacher-weights: {e}") from None
+        ratios = sorted({c.card.hard_ratio for c in caches})
+        if cfg.loss.split == "cache":  # the joined teacher is labelled by the caches' rule
+            if len(ratios) > 1:
+                raise UserError(
+                    f"the caches were labelled at hard ratios {ratios}: choose one with "
+                    f"--split-scope sequence --hard-ratio R")
+            cfg.loss = dataclasses.replace(cfg.loss, hard_ratio=ratios[0])
+    return caches
 
 
 def _restore(cfg: TrainConfig, d: Dist, path: str, model, optimizer) -> tuple[int, int, Cursor]:
@@ -450,28 +495,31 @@ def _restore(cfg: TrainConfig, d: Dist, path: str, model, optimizer) -> tuple[in
         ) from None
 
 
-def _check_run_fits(cfg: TrainConfig, d: Dist, cache: Cache) -> None:
-    """The loss suits the cache's mode and there is a shard for every loader slot."""
-    if cache.card.mode == "sampled":
-        try:
-            cfg.loss.check_sampled()
-        except ValueError as e:
-            raise UserError(f"{cfg.cache} is a sampled cache: {e}") from None
+def _check_run_fits(cfg: TrainConfig, d: Dist, caches: list[Cache]) -> None:
+    """The loss suits the caches' modes and there is a shard for every loader slot."""
+    cache = caches[0]
+    for c in caches:
+        if c.card.mode == "sampled":
+            try:
+                cfg.loss.check_sampled()
+            except ValueError as e:
+                raise UserError(f"{c.path} is a sampled cache: {e}") from None
     slots = slot_count(d.world, cfg.loader.num_workers)
     if len(cache.shard_rows) < slots:
         raise UserError(
-            f"{cfg.cache} has {len(cache.shard_rows)} shards for {slots} loader slots (ranks x "
+            f"{cache.path} has {len(cache.shard_rows)} shards for {slots} loader slots (ranks x "
             "workers): lower --num-workers, or re-dump with a smaller --shard-positions"
         )
 
 
-def _build_student(cfg: TrainConfig, d: Dist, cache: Cache):
+def _build_student(cfg: TrainConfig, d: Dist, caches: list[Cache]):
     """(tokenizer, model, the wrapped net a step calls, optimizer, logits width)."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
     model = load_causal_lm(cfg.student, dtype="fp32", device=str(d.device),
                            trust_remote_code=cfg.trust_remote_code)
     width = logits_width(model)
-    check_compatible(cache.card, tokenizer, width, cfg.student)
+    for cache in caches:
+        check_compatible(cache.card, tokenizer, width, cfg.student)
     model.train()
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -487,11 +535,15 @@ def _build_student(cfg: TrainConfig, d: Dist, cache: Cache):
     return tokenizer, model, net, optimizer, width
 
 
-def _write_run_json(cfg: TrainConfig, d: Dist, cache: Cache, resume_from, width: int) -> None:
+def _write_run_json(cfg: TrainConfig, d: Dist, caches: list[Cache], resume_from,
+                    width: int) -> None:
     if d.rank == 0:
         doc = {"config": cfg.to_json(), "world_size": d.world, "tool_version": __version__,
-               "cache_fingerprint": cache.card.identity, "cache_card": cache.card.to_attrs(),
-               "resumed_from": resume_from, "student_logits_width": width}
+               "cache_fingerprint": joined_identity(caches),
+               "cache_card": caches[0].card.to_attrs(), "resumed_from": resume_from,
+               "student_logits_width": width}
+        if len(caches) > 1:
+            doc["cache_cards"] = [c.card.to_attrs() for c in caches]
         with open(os.path.join(cfg.output, "run.json"), "w") as f:
             json.dump(doc, f, indent=1)
 
@@ -509,7 +561,8 @@ def _planned_total(cfg: TrainConfig, dataset: CacheDataset, step: int, epoch: in
     return int(total)
 
 
-def _finish(cfg: TrainConfig, d: Dist, model, tokenizer, cache: Cache, summary: dict) -> dict:
+def _finish(cfg: TrainConfig, d: Dist, model, tokenizer, caches: list[Cache],
+            summary: dict) -> dict:
     """Digest the weights on every rank, save the student and summary.json (rank 0)."""
     weights = fsdp.full_model_state(model) if is_sharded(cfg, d) else None
     digest = weights_sha256(model) if weights is None else _state_sha256(weights, d)
@@ -518,7 +571,7 @@ def _finish(cfg: TrainConfig, d: Dist, model, tokenizer, cache: Cache, summary: 
         dist.all_gather_object(digests, digest)
     else:
         digests = [digest]
-    summary = {**summary, "cache_fingerprint": cache.card.identity, "world_size": d.world,
+    summary = {**summary, "cache_fingerprint": joined_identity(caches), "world_size": d.world,
                "weights_sha256": digests, "ranks_agree": len(set(digests)) == 1}
     if d.rank == 0:
         _save_student(model, tokenizer, os.path.join(cfg.output, "model"), weights)
@@ -529,23 +582,24 @@ def _finish(cfg: TrainConfig, d: Dist, model, tokenizer, cache: Cache, summary: 
 
 
 def _train(cfg: TrainConfig, d: Dist, log) -> dict:
-    cache = open_training_cache(cfg, log)
-    _check_run_fits(cfg, d, cache)
+    caches = open_training_caches(cfg, log)
+    cache = caches[0]
+    _check_run_fits(cfg, d, caches)
     slots = slot_count(d.world, cfg.loader.num_workers)
     resume_from = _prepare_output(cfg, d)
     torch.manual_seed(cfg.seed * 1000 + d.rank)
     random.seed(cfg.seed * 1000 + d.rank)
     np.random.seed(cfg.seed * 1000 + d.rank)
-    tokenizer, model, net, optimizer, width = _build_student(cfg, d, cache)
+    tokenizer, model, net, optimizer, width = _build_student(cfg, d, caches)
 
     step, tokens_seen, cursor = 0, 0, None
     if resume_from is not None:
         step, tokens_seen, cursor = _restore(cfg, d, resume_from, model, optimizer)
         log(f"resuming from {resume_from} (step {step}, epoch {cursor.epoch})")
-        check_same_cache(cfg, cache.card.identity)
-    _write_run_json(cfg, d, cache, resume_from, width)
+        check_same_cache(cfg, joined_identity(caches))
+    _write_run_json(cfg, d, caches, resume_from, width)
 
-    dataset = CacheDataset(cfg.cache, cfg.loader, d.rank, d.world, resume=cursor)
+    dataset = CacheDataset(cache_paths(cfg.cache), cfg.loader, d.rank, d.world, resume=cursor)
     epoch = cursor.epoch if cursor else 0
     total = _planned_total(cfg, dataset, step, epoch)
     run_log = RunLog(cfg, d.rank, step, total)
@@ -645,7 +699,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     if step != last_saved:
         cur = _gather_cursor(d, epoch, slot_counts, consumed, base, cfg)
         _save_checkpoint(cfg, d, model, optimizer, step, tokens_seen, cur)
-    return _finish(cfg, d, model, tokenizer, cache, {
+    return _finish(cfg, d, model, tokenizer, caches, {
         "steps": step, "epochs_started": epoch + 1, "tokens_seen": tokens_seen,
         "seconds": time.perf_counter() - t_start})
 
