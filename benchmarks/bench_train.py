@@ -13,6 +13,12 @@ Every variant runs in a fresh process (so peak RSS is its own) over the same mic
 Step = forward + loss + backward + AdamW step; median over the timed steps after one warmup.
 
     python benchmarks/bench_train.py [--tokens 8000] [--batch-tokens 2048] [--steps 3]
+    python benchmarks/bench_train.py --two-caches   # loader: 2 teachers' caches vs 1
+
+--two-caches: a second cache of the same data by teacher B, the teacher's 24-layer cut
+(`init-student --layers 24`), top-32 as A. Loader epochs over A alone, B alone and A + B in
+lock-step (each cache replicated 40x, one worker, checksums on), interleaved, median of
+--repeats; then the cost of joining the two teachers' rows per micro-batch (mixture).
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ def prepare(args) -> tuple[str, str, str]:
     return teacher, cache, student
 
 
-def micro_batches(cache: str, batch_tokens: int, count: int) -> list[dict]:
+def micro_batches(cache: str | list[str], batch_tokens: int, count: int) -> list[dict]:
     ds = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, shuffle=False,
                                           num_workers=0))
     out = []
@@ -141,7 +147,8 @@ def replicated(cache: str, copies: int, out: str) -> str:
     return out
 
 
-def loader_throughput(cache: str, batch_tokens: int, verify_reads: bool = True) -> dict:
+def loader_throughput(cache: str | list[str], batch_tokens: int, verify_reads: bool = True
+                      ) -> dict:
     """Supervised tokens/s one DataLoader worker delivers over one epoch (start-up included)."""
     ds = CacheDataset(cache, LoaderConfig(batch_tokens=batch_tokens, num_workers=1,
                                           verify_reads=verify_reads))
@@ -176,6 +183,57 @@ def checksum_cost(cache: str, batch_tokens: int, repeats: int = 6) -> None:
           f"{hashing / decode * 100:.1f} % of the decode time")
 
 
+def two_caches(args) -> None:
+    """Loader throughput with two teachers' caches read in lock-step vs one, and the join's
+    cost per micro-batch."""
+    teacher, cache_a, _ = prepare(args)
+    root = os.path.dirname(cache_a)
+    teacher_b = os.path.join(root, "teacher-b-24L")
+    if not os.path.exists(os.path.join(teacher_b, "config.json")):
+        init_student(teacher, "24", teacher_b)
+    cache_b = cache_a + "-teacher-b"
+    if not os.path.exists(os.path.join(cache_b, "complete.json")):
+        card = open_cache(cache_a).card
+        dump_teacher(DumpConfig(model=teacher_b, data=DataSpec(source=card.data_source,
+                                                               text_field="text",
+                                                               max_length=256),
+                                output=cache_b, top_k=32, batch_tokens=4096, batch_size=None,
+                                progress=False), log=lambda m: None)
+    big_a = replicated(cache_a, 40, cache_a + "-x40")
+    big_b = replicated(cache_b, 40, cache_b + "-x40")
+    arms = {"A": big_a, "B": big_b, "A+B": [big_a, big_b]}
+    runs = {name: [] for name in arms}
+    for r in range(args.repeats):
+        names = list(arms) if r % 2 == 0 else list(reversed(arms))
+        for name in names:
+            t = loader_throughput(arms[name], args.batch_tokens)
+            runs[name].append(t["tokens"] / t["tokens_per_s"])  # seconds per epoch
+    sec = {name: statistics.median(v) for name, v in runs.items()}
+    tokens = loader_throughput(big_a, args.batch_tokens)["tokens"]
+    print(f"\nloader epoch ({tokens} supervised tokens, 1 worker, checksums on; median of "
+          f"{args.repeats} interleaved):")
+    for name, s in sec.items():
+        print(f"  {name:4s} {s:6.2f} s  {tokens / s:8.0f} tokens/s")
+    print(f"A+B in lock-step / (A + B read one after the other): "
+          f"{sec['A+B'] / (sec['A'] + sec['B']):.2f}; A+B / A alone: "
+          f"{sec['A+B'] / sec['A']:.2f}")
+    from atkd_cache.train.trainer import sparse_teacher
+
+    batches = micro_batches([cache_a, cache_b], args.batch_tokens, 8)
+    one, both = [], []
+    cfg = LossConfig()
+    for b in batches:
+        for out, batch in ((one, {k: v for k, v in b.items() if not k.startswith("teacher")}),
+                           (both, b)):
+            t0 = time.perf_counter()
+            sparse_teacher(batch, torch.device("cpu"), cfg)
+            out.append(time.perf_counter() - t0)
+    rows = statistics.mean(float(b["rows"].numel()) for b in batches)
+    print(f"teacher rows per micro-batch ({rows:.0f} rows): one cache "
+          f"{statistics.median(one) * 1e3:.1f} ms, two caches joined (mixture) "
+          f"{statistics.median(both) * 1e3:.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8000)
@@ -183,9 +241,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", default="runs/bench")
     ap.add_argument("--variant", choices=VARIANTS, default=None)
+    ap.add_argument("--two-caches", action="store_true",
+                    help="Only the loader with two teachers' caches vs one.")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loader-only", action="store_true",
                     help="Only the loader: checksum cost and throughput.")
     args = ap.parse_args()
+    if args.two_caches:
+        two_caches(args)
+        return
     if args.loader_only:
         _, cache, _ = prepare(args)
         big = replicated(cache, 40, cache + "-x40")

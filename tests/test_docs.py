@@ -110,3 +110,18 @@ def test_integrations_page_runs(hf_cache, tmp_path):
     done = subprocess.run([sys.executable, "-m", "atkd_cache.cli.main", *export,
                            "--no-progress"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "kd_temperature: 1.0" in done.stdout, done.stderr
+
+
+def test_python_reading_example_and_its_field_table(assets, tmp_path):
+    """The 'with atkd-cache' block runs, and its table names every field a sequence has."""
+    dump(assets, tmp_path / "c", shape="prompt_response")
+    section = DOC.read_text().split("## Reading a cache with atkd-cache", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    scope = {"CACHE": str(tmp_path / "c")}
+    exec(compile(code, str(DOC), "exec"), scope)
+    seq = scope["seq"]
+    assert seq.index == 0 and len(seq.target_ids) == len(seq.target_logprob)
+    table = section.split("## Versioning")[0]
+    fields = [f for f in vars(seq) if getattr(seq, f) is not None] + ["target_ids"]
+    for name in fields:
+        assert f"`{name}`" in table, name
