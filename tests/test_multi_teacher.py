@@ -216,3 +216,24 @@ def test_map_style_view_of_a_damaged_cache_says_what_is_wrong(caches, tmp_path):
         cache_dataset(str(damaged), streaming=False, cache_dir=str(tmp_path / "hfc"))
     assert "shard-000001/topk_logprobs" in str(e.value)
     assert "An error occurred while generating the dataset" not in str(e.value)
+
+
+def test_workers_and_a_damaged_second_cache(caches, tmp_path):
+    """Two loader workers read both caches (each worker opens its own); a chunk missing in
+    the second cache stops the run with one line naming it."""
+    args = ["--num-workers", "2", "--max-steps", "2"]
+    one = cli_train(caches, tmp_path / "one", "--cache", caches["a"], *args)
+    two = cli_train(caches, tmp_path / "two", "--cache", caches["a"], "--cache", caches["a"],
+                    *args)
+    assert one.exit_code == 0 and two.exit_code == 0, two.output
+    digests = [json.loads((tmp_path / r / "summary.json").read_text())["weights_sha256"]
+               for r in ("one", "two")]
+    assert digests[0] == digests[1]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(caches["b"], damaged)
+    os.remove(damaged.joinpath("shards", "shard-000001", "topk_logprobs", "c", "0", "0"))
+    r = cli_train(caches, tmp_path / "r", "--cache", caches["a"], "--cache", str(damaged),
+                  "--epochs", "1", "--max-steps", "1000")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "shard-000001/topk_logprobs: differs from its sha256" in r.output
+    assert not (tmp_path / "r" / "model").exists()
