@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from atkd_cache import tiny
-from atkd_cache.cache.reader import open_cache
+from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cli.main import main
 from atkd_cache.errors import UserError
 from atkd_cache.hf import KDCollator, KDTrainer, cache_dataset
@@ -53,11 +53,21 @@ def caches(assets, hf_cache, tmp_path_factory):
     return out
 
 
-def test_loader_reads_every_cache_in_lock_step(caches):
+def test_loader_reads_every_cache_in_lock_step(caches, monkeypatch):
     a, b, c = (open_cache(caches[k]) for k in ("a", "b", "b_sampled"))
     assert AlignedReader(b, a, [], 0).same_plan and not AlignedReader(c, a, [], 0).same_plan
+    assert len(c.shard_rows) > len(a.shard_rows) > 1
     dataset = CacheDataset([caches["a"], caches["b"], caches["b_sampled"]],
                            LoaderConfig(batch_tokens=3 * SEQ_LEN, num_workers=0, seed=3))
+    reads: dict = {}
+    real_read = Cache.read_shard
+
+    def counting(self, shard, names=None):
+        if names is None and all(self is not x for x in (a, b, c)):  # the loader's reads
+            reads[self.path, shard] = reads.get((self.path, shard), 0) + 1
+        return real_read(self, shard, names)
+
+    monkeypatch.setattr(Cache, "read_shard", counting)
     seen = 0
     for batch in dataset:
         index = batch["seq_index"].tolist()
@@ -69,6 +79,10 @@ def test_loader_reads_every_cache_in_lock_step(caches):
         assert "teacher1.topk_ids" in batch and "teacher2.sample_ids" in batch
         seen += len(index)
     assert seen == len(a) == 32
+    for path, cache in ((caches["a"], a), (caches["b"], b), (caches["b_sampled"], c)):
+        # the loader read every shard of every cache once in the epoch
+        assert [reads.get((path, s)) for s in range(len(cache.shard_rows))] == [1] * len(
+            cache.shard_rows), path
 
 
 def run(caches, out, cache, **loss):

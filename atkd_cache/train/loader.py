@@ -21,6 +21,7 @@ is rebuilt over the sequences not yet consumed (each is still seen once per epoc
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -286,14 +287,19 @@ class ShardReadAhead:
         self.cache, self.order, self.depth = cache, order, depth
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead") if depth else None
         self.futures: dict[int, Future] = {}
+        self.delivered: set[int] = set()
 
     def get(self, shard: int) -> dict[str, np.ndarray]:
-        """The decoded arrays of a shard; starts reading the next `depth` ones."""
+        """The decoded arrays of a shard; starts reading the next `depth` ones not delivered
+        yet (the shuffle buffer asks for shards out of order: one asked for already is held
+        by the caller until it is done with it, and must not be read again)."""
+        self.delivered.add(shard)
         if self.pool is None:
             return self.cache.read_shard(shard)
         future = self.futures.pop(shard, None) or self.pool.submit(self.cache.read_shard, shard)
         at = self.order.index(shard) if shard in self.order else len(self.order)
-        for nxt in self.order[at + 1 : at + 1 + self.depth]:
+        ahead = [s for s in self.order[at + 1:] if s not in self.delivered][: self.depth]
+        for nxt in ahead:
             if nxt not in self.futures:
                 self.futures[nxt] = self.pool.submit(self.cache.read_shard, nxt)
         return future.result()
@@ -311,16 +317,21 @@ class AlignedReader:
     """Another cache's copy of the lead cache's sequences, by sequence index. With the same
     shard plan (the usual case: the same data and --shard-positions) shard s of the lead is
     shard s here: read ahead in the same order and dropped with it, so two caches cost what
-    reading them one after the other costs. Otherwise each sequence is looked up by index,
-    keeping the last two shards decoded."""
-
-    KEEP = 2
+    reading them one after the other costs. With another plan each sequence is found by its
+    index, and a shard stays decoded until every lead shard it overlaps is released (each is
+    then read once per epoch, as the lead's are)."""
 
     def __init__(self, cache: Cache, lead: Cache, order: list[int], depth: int):
         self.cache = cache
-        plan = [(r["first_sequence"], r["num_sequences"]) for r in cache.shard_rows]
-        self.same_plan = plan == [(r["first_sequence"], r["num_sequences"])
-                                  for r in lead.shard_rows]
+        spans = [(r["first_sequence"], r["first_sequence"] + r["num_sequences"])
+                 for r in cache.shard_rows]
+        lead_spans = [(r["first_sequence"], r["first_sequence"] + r["num_sequences"])
+                      for r in lead.shard_rows]
+        self.same_plan = spans == lead_spans
+        self.starts = [a for a, _ in spans]
+        # this slot's lead shards each of our shards overlaps (released one by one)
+        self.waiting = {o: {s for s in order if lead_spans[s][0] < b and a < lead_spans[s][1]}
+                        for o, (a, b) in enumerate(spans)}
         self.reader = ShardReadAhead(cache, order if self.same_plan else [],
                                      depth if self.same_plan else 0)
         self.loaded: dict[int, dict[str, np.ndarray]] = {}
@@ -329,22 +340,26 @@ class AlignedReader:
         """Sequence `index` (global, in cache order) of this cache."""
         shard = lead_shard if self.same_plan else self._shard_of(index)
         if shard not in self.loaded:
-            if not self.same_plan and len(self.loaded) >= self.KEEP:
-                self.loaded.pop(next(iter(self.loaded)))
             self.loaded[shard] = self.reader.get(shard)
         local = index - self.cache.shard_rows[shard]["first_sequence"]
         return self.cache.sequence_in(self.loaded[shard], shard, local)
 
     def _shard_of(self, index: int) -> int:
-        for shard, row in enumerate(self.cache.shard_rows):
-            if row["first_sequence"] <= index < row["first_sequence"] + row["num_sequences"]:
-                return shard
-        raise UserError(f"{self.cache.path} has not committed sequence {index}")
+        shard = bisect.bisect_right(self.starts, index) - 1
+        row = self.cache.shard_rows[shard] if shard >= 0 else None
+        if row is None or index >= row["first_sequence"] + row["num_sequences"]:
+            raise UserError(f"{self.cache.path} has not committed sequence {index}")
+        return shard
 
     def release(self, lead_shard: int) -> None:
-        """The lead is done with a shard: so is a cache of the same plan."""
+        """The lead is done with a shard: drop what only it needed."""
         if self.same_plan:
             self.loaded.pop(lead_shard, None)
+            return
+        for shard in list(self.loaded):
+            self.waiting[shard].discard(lead_shard)
+            if not self.waiting[shard]:
+                self.loaded.pop(shard)
 
     def close(self) -> None:
         """Stop reading ahead."""
