@@ -315,7 +315,12 @@ class CacheWriter:
     def _create_root(self) -> None:
         # The root zarr.json (holding the card) is what makes a folder a cache, so it is
         # written last and renamed into place: a kill never leaves a card without `shards/`.
-        zarr.open_group(self._url(SHARDS_GROUP), mode="a")
+        try:
+            zarr.open_group(self._url(SHARDS_GROUP), mode="a")
+        except zarr.errors.ContainsGroupError:
+            # mode="a" is check-then-create: on an object store another rank can create the
+            # group in between (seen with 2 ranks on S3); then it exists, which is the goal
+            pass
         with tempfile.TemporaryDirectory() as staging:
             zarr.open_group(staging, mode="w", attributes=self.card.to_attrs())
             if self.remote:
