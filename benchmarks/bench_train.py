@@ -16,9 +16,10 @@ Step = forward + loss + backward + AdamW step; median over the timed steps after
     python benchmarks/bench_train.py --two-caches   # loader: 2 teachers' caches vs 1
 
 --two-caches: a second cache of the same data by teacher B, the teacher's 24-layer cut
-(`init-student --layers 24`), top-32 as A. Loader epochs over A alone, B alone and A + B in
-lock-step (each cache replicated 40x, one worker, checksums on), interleaved, median of
---repeats; then the cost of joining the two teachers' rows per micro-batch (mixture).
+(`init-student --layers 24`), top-32 as A. Loader epochs over A alone, B alone, A + B in
+lock-step, and A with the read-ahead as it was before a fix (each cache replicated 40x, one
+worker, checksums on), interleaved, median of --repeats; then the cost of joining the two
+teachers' rows per micro-batch (mixture). Results: --two-caches-out; --report prints them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ from atkd_cache.data import DataSpec  # noqa: E402
 from atkd_cache.dump import DumpConfig, dump_teacher  # noqa: E402
 from atkd_cache.losses.kd import LossConfig  # noqa: E402
 from atkd_cache.models import load_causal_lm  # noqa: E402
-from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader  # noqa: E402
+from atkd_cache.train.loader import (  # noqa: E402
+    CacheDataset,
+    LoaderConfig,
+    ShardReadAhead,
+    make_loader,
+)
 from atkd_cache.train.student import RowLogits, init_student  # noqa: E402
 from atkd_cache.train.trainer import Dist, accumulate_gradients, forward_rows  # noqa: E402
 
@@ -201,37 +207,65 @@ def two_caches(args) -> None:
                                 progress=False), log=lambda m: None)
     big_a = replicated(cache_a, 40, cache_a + "-x40")
     big_b = replicated(cache_b, 40, cache_b + "-x40")
-    arms = {"A": big_a, "B": big_b, "A+B": [big_a, big_b]}
+    arms = {"A": big_a, "B": big_b, "A+B": [big_a, big_b], "A, old read-ahead": big_a}
     runs = {name: [] for name in arms}
+    fixed_get = ShardReadAhead.get
     for r in range(args.repeats):
         names = list(arms) if r % 2 == 0 else list(reversed(arms))
         for name in names:
+            ShardReadAhead.get = _read_ahead_before_fix if "old" in name else fixed_get
             t = loader_throughput(arms[name], args.batch_tokens)
             runs[name].append(t["tokens"] / t["tokens_per_s"])  # seconds per epoch
-    sec = {name: statistics.median(v) for name, v in runs.items()}
-    tokens = loader_throughput(big_a, args.batch_tokens)["tokens"]
-    print(f"\nloader epoch ({tokens} supervised tokens, 1 worker, checksums on; median of "
-          f"{args.repeats} interleaved):")
-    for name, s in sec.items():
-        print(f"  {name:4s} {s:6.2f} s  {tokens / s:8.0f} tokens/s")
-    print(f"A+B in lock-step / (A + B read one after the other): "
-          f"{sec['A+B'] / (sec['A'] + sec['B']):.2f}; A+B / A alone: "
-          f"{sec['A+B'] / sec['A']:.2f}")
+    ShardReadAhead.get = fixed_get
     from atkd_cache.train.trainer import sparse_teacher
 
     batches = micro_batches([cache_a, cache_b], args.batch_tokens, 8)
     one, both = [], []
-    cfg = LossConfig()
     for b in batches:
         for out, batch in ((one, {k: v for k, v in b.items() if not k.startswith("teacher")}),
                            (both, b)):
             t0 = time.perf_counter()
-            sparse_teacher(batch, torch.device("cpu"), cfg)
+            sparse_teacher(batch, torch.device("cpu"), LossConfig())
             out.append(time.perf_counter() - t0)
-    rows = statistics.mean(float(b["rows"].numel()) for b in batches)
-    print(f"teacher rows per micro-batch ({rows:.0f} rows): one cache "
-          f"{statistics.median(one) * 1e3:.1f} ms, two caches joined (mixture) "
-          f"{statistics.median(both) * 1e3:.1f} ms")
+    results = {
+        "epoch_tokens": t["tokens"], "repeats": args.repeats,
+        "epoch_s": {name: statistics.median(v) for name, v in runs.items()},
+        "join_rows": statistics.mean(float(b["rows"].numel()) for b in batches),
+        "rows_ms_one": statistics.median(one) * 1e3, "rows_ms_two": statistics.median(both) * 1e3,
+    }
+    with open(args.two_caches_out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(two_caches_report(results))
+
+
+def _read_ahead_before_fix(self, shard: int):
+    """ShardReadAhead.get as it was before the fix (for the "before" arm only): it read ahead
+    the next shards in plan order even when the shuffle buffer had asked for them already."""
+    if self.pool is None:
+        return self.cache.read_shard(shard)
+    future = self.futures.pop(shard, None) or self.pool.submit(self.cache.read_shard, shard)
+    at = self.order.index(shard) if shard in self.order else len(self.order)
+    for nxt in self.order[at + 1 : at + 1 + self.depth]:
+        if nxt not in self.futures:
+            self.futures[nxt] = self.pool.submit(self.cache.read_shard, nxt)
+    return future.result()
+
+
+def two_caches_report(r: dict) -> str:
+    """The markdown of docs/benchmarks.md's two-caches section, from its results file."""
+    sec, tokens = r["epoch_s"], r["epoch_tokens"]
+    rows = [f"| {name} | {s:.2f} | {tokens / s:,.0f} |" for name, s in sec.items()]
+    return "\n".join([
+        f"One loader worker, checksums on, one epoch of {tokens:,} supervised tokens, median "
+        f"of {r['repeats']} interleaved epochs:", "",
+        "| loader epoch over | seconds | supervised tokens/s |", "|---|---|---|", *rows, "",
+        f"A + B in lock-step / (A, then B): **{sec['A+B'] / (sec['A'] + sec['B']):.2f}×**; "
+        f"A + B / A alone: {sec['A+B'] / sec['A']:.2f}×. Joining the two teachers' rows "
+        f"(`mixture`): {r['rows_ms_two']:.1f} ms per micro-batch of {r['join_rows']:,.0f} "
+        f"rows ({r['rows_ms_one']:.1f} ms for one cache's rows). The read-ahead fix: one "
+        f"cache, {tokens / sec['A, old read-ahead']:,.0f} → {tokens / sec['A']:,.0f} "
+        f"tokens/s ({sec['A, old read-ahead'] / sec['A']:.2f}×).",
+    ])
 
 
 def main() -> None:
@@ -244,9 +278,16 @@ def main() -> None:
     ap.add_argument("--two-caches", action="store_true",
                     help="Only the loader with two teachers' caches vs one.")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--two-caches-out", default="docs/bench_two_caches.json")
+    ap.add_argument("--report", action="store_true",
+                    help="With --two-caches: only print the table from --two-caches-out.")
     ap.add_argument("--loader-only", action="store_true",
                     help="Only the loader: checksum cost and throughput.")
     args = ap.parse_args()
+    if args.two_caches and args.report:
+        with open(args.two_caches_out) as f:
+            print(two_caches_report(json.load(f)))
+        return
     if args.two_caches:
         two_caches(args)
         return
