@@ -11,7 +11,9 @@ ratios and writing one JSON (--out):
   4. loader throughput (one worker, the teacher pass's cache) vs what the ATKD step consumes;
   5. bf16 autocast vs fp32: the fused ATKD loss and its gradients;
   6. generation with capture (dump-teacher --generate's sampler: top-32 + target + entropy
-     per step) vs plain `generate` sampling, same prompts, same lengths (no EOS).
+     per step) vs plain `generate` sampling, same prompts, same lengths (no EOS);
+  7. joining two teachers' top-32 rows (each --mix) vs the fused ATKD head + loss at the same
+     rows (V = 49,152).
 Time: CUDA-synchronised medians of 3 after 1 warm-up; memory: torch.cuda.max_memory_allocated
 above what was allocated before (on the CPU, smoke mode reports no memory).
 
@@ -46,6 +48,7 @@ from atkd_cache.cache import CacheCard, CacheWriter, SequenceRecord  # noqa: E40
 from atkd_cache.data import TokenizedSequence  # noqa: E402
 from atkd_cache.losses import LossConfig, SparseTeacher, kd_loss  # noqa: E402
 from atkd_cache.losses.fused import fused_kd_loss, head_logits  # noqa: E402
+from atkd_cache.losses.teachers import join_teachers  # noqa: E402
 from atkd_cache.split import hard_labels_np  # noqa: E402
 from atkd_cache.teacher.generate import GenerationSpec, Prompt, generate_outputs  # noqa: E402
 from atkd_cache.teacher.hf import teacher_outputs  # noqa: E402
@@ -238,8 +241,8 @@ def head_and_loss(size: dict, device) -> dict:
     return out
 
 
-def random_teacher(n: int, vocab: int, k: int, device) -> SparseTeacher:
-    g = torch.Generator().manual_seed(1)
+def random_teacher(n: int, vocab: int, k: int, device, seed: int = 1) -> SparseTeacher:
+    g = torch.Generator().manual_seed(seed)
     logp = torch.log_softmax(torch.randn(n, k, generator=g) * 2, -1).sort(-1, True).values
     ids = torch.randint(0, vocab, (n, k), generator=g)
     targets = ids[:, 0].clone()
@@ -248,6 +251,25 @@ def random_teacher(n: int, vocab: int, k: int, device) -> SparseTeacher:
     return SparseTeacher(topk_ids=ids.to(device), topk_logprobs=logp.half().to(device),
                          target_ids=targets.to(device), target_logprob=target_lp.to(device),
                          hard=(torch.rand(n, generator=g) < 0.5).to(device))
+
+
+def joined_teachers(size: dict, device, fused_seconds: float) -> dict:
+    """Joining two teachers' rows (losses/teachers.py) for head_rows rows in sequences of
+    512, per mix, vs the fused ATKD head + loss at the same rows (`fused_seconds`)."""
+    n, vocab, k = size["head_rows"], size["vocabs"][0], size["k"]
+    teachers = [random_teacher(n, vocab, k, device, seed) for seed in (1, 2)]
+    first, second = teachers  # the same tokens: the second teacher scores the first's targets
+    second.target_ids = first.target_ids
+    second.target_logprob = torch.where(second.topk_ids[:, 0] == first.target_ids,
+                                        second.topk_logprobs[:, 0].float(),
+                                        torch.full_like(first.target_logprob, -8.0))
+    offsets = torch.arange(0, n + 1, min(512, n), device=device)
+    out = {}
+    for mix in ("mixture", "confident", "route-by-hard"):
+        row = timed(lambda mix=mix: join_teachers(teachers, None, mix, 0.5, offsets), device)
+        row["x_fused_atkd"] = row["seconds"] / fused_seconds
+        out[mix] = row
+    return out
 
 
 def loader_rate(cache: str, size: dict) -> dict:
@@ -343,6 +365,11 @@ def main() -> None:
         print(f"V={vocab}: fused ATKD {row['atkd-fused']['x_ce_time']:.2f}x CE time" + (
             f", {row['atkd-fused']['x_ce_memory']:.3f}x CE memory"
             if "x_ce_memory" in row["atkd-fused"] else ""), flush=True)
+    fused = report["head_and_loss"][str(size["vocabs"][0])]["atkd-fused"]["seconds"]
+    report["joined_teachers"] = joined_teachers(size, device, fused)
+    for mix, row in report["joined_teachers"].items():
+        print(f"joining 2 teachers ({mix}): {row['x_fused_atkd']:.3f}x the fused ATKD head + "
+              f"loss at the same rows", flush=True)
     report["bf16_vs_fp32"] = bf16_agreement(size, device)
     print(f"bf16 vs fp32: {report['bf16_vs_fp32']}")
     with open(args.out, "w") as f:

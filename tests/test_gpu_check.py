@@ -27,6 +27,8 @@ def test_gpu_check_smoke_writes_every_measurement(tmp_path):
     gen = report["generation"]
     assert gen["capture"]["seconds"] > 0 and gen["plain"]["seconds"] > 0 and gen["ratio"] > 0
     assert set(report["head_and_loss"]) == {"512", "1024"}
+    assert set(report["joined_teachers"]) == {"mixture", "confident", "route-by-hard"}
+    assert all(row["seconds"] > 0 for row in report["joined_teachers"].values())
     agree = report["bf16_vs_fp32"]
     assert agree["loss_rel"] < 1e-2 and agree["grad_hidden_rel"] < 5e-2
     assert agree["grad_weight_rel"] < 5e-2
