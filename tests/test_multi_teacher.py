@@ -122,6 +122,7 @@ def test_refusals_name_what_differs(caches, tmp_path):
          "--teacher-weights: 3 teacher weights for 2 caches"),
         ([*a, "--cache", caches["b"], "--teacher-weights", "1;2"],
          "give numbers separated by commas"),
+        ([*a, "--teacher-weights", "1"], "--teacher-weights weighs several teachers"),
         ([*a, "--cache", caches["b_sampled"], "--base", "rkl", "--loss", "kd"],
          "is a sampled cache: a sampled cache supports forward KL only"),
     ]

@@ -462,6 +462,9 @@ def open_training_caches(cfg: TrainConfig, log) -> list[Cache]:
             raise UserError(f"{path} has no committed sequences")
         caches.append(cache)
     check_joinable(caches, cfg.allow_partial)
+    if len(caches) == 1 and cfg.loss.teacher_weights is not None:
+        raise UserError("--teacher-weights weighs several teachers: give one --cache per "
+                        "teacher, or drop --teacher-weights")
     if len(caches) > 1:
         try:
             normalise_weights(cfg.loss.teacher_weights, len(caches))
