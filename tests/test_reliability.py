@@ -33,6 +33,7 @@ def w(assets, tmp_path_factory):
     p = tmp_path_factory.mktemp("reliability")
     dump(assets, p / "cache", limit=12, shard_positions=200)
     dump(assets, p / "partial", limit=12, shard_positions=200, rank=0, world_size=2)
+    dump(assets, p / "fewer", limit=8, shard_positions=200)  # other data, for two caches
     shutil.copytree(p / "cache", p / "damaged")
     os.remove(p / "damaged" / "shards" / "shard-000001" / "topk_logprobs" / "c" / "0" / "0")
     shutil.copytree(p / "cache", p / "newer")
@@ -161,6 +162,13 @@ CASES = {
                           "is not an atkd-cache cache"),
     "train/partial-cache": (lambda w: train_args(w["p"] / "partial", w["llama"], w["p"] / "r2"),
                             "pass --allow-partial to train on what is committed"),
+    "train/caches-of-other-data": (
+        lambda w: train_args(w["p"] / "cache", w["llama"], w["p"] / "r6", "--cache",
+                             str(w["p"] / "fewer")), "hold different data (data fingerprint"),
+    "train/teacher-weights-count": (
+        lambda w: train_args(w["p"] / "cache", w["llama"], w["p"] / "r7", "--cache",
+                             str(w["p"] / "cache"), "--teacher-weights", "1,2,3"),
+        "--teacher-weights: 3 teacher weights for 2 caches: give one per cache"),
     "train/missing-chunk": (lambda w: train_args(w["p"] / "damaged", w["llama"], w["p"] / "r3",
                                                  "--max-steps", "50"),
                             "shard-000001/topk_logprobs: differs from its sha256"),
