@@ -50,7 +50,7 @@ from atkd_cache.teacher.generate import GenerationSpec, Prompt
 
 LABEL_RULE = "per-sequence: hard = UNC >= sorted_UNC[floor((n-1)(1-hard_ratio))]"
 LOGPROB_DTYPES = ("float16", "float32")
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "server")
 
 
 @dataclass
@@ -72,7 +72,12 @@ class DumpConfig:
     logprob_dtype: str = "float16"
     trust_remote_code: bool = False
     progress: bool = True
-    backend: str = "hf"  # hf | vllm
+    backend: str = "hf"  # hf | vllm | server
+    # --backend server: running vLLM servers (teacher/server.py); `model` is the served name
+    urls: tuple[str, ...] = ()
+    concurrency: int = 8
+    request_timeout: float = 300.0
+    retries: int = 8
     mode: str = "topk"  # topk | sampled
     num_samples: int = 50  # draws per position in sampled mode
     sample_seed: int = 0
@@ -200,6 +205,8 @@ def teacher_dtype(cfg: DumpConfig) -> str:
     """The resolved weight dtype (vLLM picks its own device: CUDA when there is one)."""
     import torch
 
+    if cfg.backend == "server":
+        return "served"  # the server chose it (its log says which)
     device = cfg.device
     if cfg.backend == "vllm":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,7 +220,7 @@ def build_card(
     """The cache card for this configuration."""
     spec = cfg.data
     exactness = {q: "exact" for q in ("topk", "target_logprob", "entropy", "uncertainty", "hard")}
-    if cfg.backend == "vllm":  # vLLM returns only the top-k: entropy is a bound
+    if cfg.backend in ("vllm", "server"):  # vLLM returns only the top-k: entropy is a bound
         exactness["entropy"] = "lower_bound"
     sampled = cfg.mode == "sampled"
     if sampled:  # unbiased draws from the full distribution instead of a top-k
@@ -270,7 +277,15 @@ def validate(cfg: DumpConfig) -> None:
         raise UserError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {cfg.encoding!r}")
     if cfg.mode == "sampled" and not 1 <= cfg.num_samples <= MAX_SAMPLES:
         raise UserError(f"--num-samples must be in 1..{MAX_SAMPLES}, got {cfg.num_samples}")
-    if cfg.mode == "sampled" and cfg.backend == "vllm":
+    if cfg.backend == "server":
+        if not cfg.urls:
+            raise UserError("--backend server needs --url (one per server)")
+        if cfg.generate:
+            raise UserError("--generate is not available with --backend server yet: use "
+                            "--backend vllm or hf")
+        if cfg.concurrency < 1 or cfg.retries < 1 or cfg.request_timeout <= 0:
+            raise UserError("--concurrency and --retries must be >= 1, --request-timeout > 0")
+    if cfg.mode == "sampled" and cfg.backend in ("vllm", "server"):
         raise UserError(
             "--mode sampled needs the full distribution, which vLLM does not return for prompt "
             "tokens: use --backend hf"
@@ -372,8 +387,19 @@ def records_for_window(
     ]
 
 
-def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None) -> Teacher:
+def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None, tokenizer=None,
+                 longest: int = 0) -> Teacher:
     """The configured backend behind the Teacher interface (teacher/__init__.py)."""
+    if cfg.backend == "server":
+        from atkd_cache.teacher.server import ServerConfig, ServerTeacher, served_width
+
+        served = ServerTeacher(ServerConfig(
+            urls=list(cfg.urls), model=cfg.model, top_k=cfg.top_k, concurrency=cfg.concurrency,
+            timeout=cfg.request_timeout, retries=cfg.retries))
+        info = served.check(tokenizer, longest)
+        return Teacher(score=served.score, generate=None,
+                       logits_width=served_width(cfg.tokenizer or cfg.model, tokenizer),
+                       max_length=info.get("max_model_len"), extra={"server": info})
     if cfg.backend == "vllm":
         from atkd_cache.teacher.vllm import VllmTeacher
 
@@ -452,7 +478,8 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
         items, stats = tokenize_rows(rows, tokenizer, cfg.data)
         windows = plan_windows(items, cfg.shard_positions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    teacher = load_teacher(cfg, pad_id, spec)
+    teacher = load_teacher(cfg, pad_id, spec, tokenizer,
+                           max(len(s.input_ids) for s in items) if not cfg.generate else 0)
     width = teacher.logits_width
     if cfg.top_k > width:
         raise UserError(
@@ -475,6 +502,8 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
             )
     card = build_card(cfg, width, teacher.revision, tokenizer, stats.fingerprint, len(windows),
                       spec)
+    if teacher.extra:  # provenance outside the fingerprint (e.g. which engine served it)
+        card.extra = {**card.extra, **teacher.extra}
 
     unfinished = 0  # replies of this run without an EOS within max_new_tokens
     with CacheWriter(cfg.output, card, rank, world) as writer, ThreadPoolExecutor(1) as pool:

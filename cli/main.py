@@ -83,8 +83,18 @@ def main() -> None:
               help="Supervised positions per shard.")
 @click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of top-k log-probs.")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
-              help="Teacher engine: transformers, or vLLM's offline engine.")
+@click.option("--backend", type=click.Choice(["hf", "vllm", "server"]), default="hf",
+              show_default=True,
+              help="Teacher engine: transformers, vLLM's offline engine, or running vLLM "
+                   "servers (--url; --model is the served model name).")
+@click.option("--url", "urls", multiple=True,
+              help="--backend server: a vLLM server's base URL (repeat for a fleet).")
+@click.option("--concurrency", type=int, default=8, show_default=True,
+              help="--backend server: requests in flight per server.")
+@click.option("--request-timeout", type=float, default=300.0, show_default=True,
+              help="--backend server: seconds per request before it is retried.")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="--backend server: tries per sequence before the dump stops.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM.")
 @click.option("--max-model-len", type=int, default=None, help="vLLM.")
 @click.option("--gpu-memory-utilization", type=float, default=None,

@@ -190,3 +190,177 @@ def test_generate_captures_raw_logprobs_equal_to_hf_rescoring(assets, teacher, t
         lp = tempered.gather(1, torch.from_numpy(ids[1:])[sup][:, None])[:, 0].numpy()
         worst_tempered = max(worst_tempered, float(np.abs(lp - seq.target_logprob).max()))
     assert worst_tempered > 0.05  # raw and processed log-probs are told apart
+
+
+# -- the served teacher (--backend server) against real vLLM OpenAI-compatible servers --------
+
+SERVED = "teacher"  # --served-model-name of the test servers
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, log) -> subprocess.Popen:
+    """`python -m vllm.entrypoints.openai.api_server` (the `vllm` script looks up the package
+    named vllm, which the CPU build is not) on loopback, once it answers /v1/models."""
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-logprobs", "16", "--max-model-len", "512", "--enforce-eager",
+         "--served-model-name", SERVED, "--gpu-memory-utilization", "0.1"],
+        env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"the vLLM server did not start (see {log.name})")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(teacher, tmp_path_factory):
+    """One server of the test teacher for every server test that does not kill it."""
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    proc = start_server(teacher, free_port(), log)
+    yield f"http://127.0.0.1:{proc.args[proc.args.index('--port') + 1]}"
+    stop(proc)
+
+
+def server_dump(assets, teacher, out, *urls_and_flags, popen=False):
+    args = CLI + [
+        "dump-teacher", "--backend", "server", "--model", SERVED, "--tokenizer", teacher,
+        "--data", assets["chat"], "--messages-field", "messages", "-o", str(out),
+        "--top-k", "8", "--logprob-dtype", "float32", "--shard-positions", "200",
+        "--no-progress", *urls_and_flags,
+    ]
+    if popen:
+        return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def assert_same_arrays(a, b, exact=False):
+    assert len(a) == len(b) and len(a.shard_rows) == len(b.shard_rows)
+    for x, y in zip(a, b, strict=True):
+        assert x.seq_id == y.seq_id and np.array_equal(x.input_ids, y.input_ids)
+        if exact:
+            for name in ("topk_ids", "topk_logprobs", "target_logprob", "entropy", "hard"):
+                assert np.array_equal(getattr(x, name), getattr(y, name)), name
+        else:
+            assert np.allclose(x.target_logprob, y.target_logprob, atol=TOL)
+            assert_topk_match(x.topk_ids, x.topk_logprobs, y.topk_ids, y.topk_logprobs)
+
+
+@pytest.fixture(scope="module")
+def served_cache(assets, teacher, server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("served") / "cache"
+    r = server_dump(assets, teacher, out, "--url", server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return open_cache(out)
+
+
+def test_server_backend_equals_offline_vllm_and_hf(served_cache, caches):
+    hf, vl = caches
+    assert_same_arrays(served_cache, vl)
+    assert_same_arrays(served_cache, hf)
+    card = served_cache.card
+    assert card.backend == "server" and card.teacher_id == SERVED
+    assert card.extra["server"]["engine"].startswith("vllm ")
+    assert card.exactness["entropy"] == "lower_bound" and verify_cache(served_cache) == []
+
+
+def test_faults_are_retried_and_every_sequence_lands_once(assets, teacher, server,
+                                                          served_cache, tmp_path):
+    import fault_proxy
+
+    with fault_proxy.FaultProxy(server, stall=5.0) as proxy:
+        r = server_dump(assets, teacher, tmp_path / "c", "--url", proxy.url,
+                        "--request-timeout", "2", "--concurrency", "4")
+        counts = dict(proxy.counts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert counts["500"] and counts["reset"] and counts["stall"], counts
+    faulty = open_cache(tmp_path / "c")
+    assert_same_arrays(faulty, served_cache, exact=True)
+    assert len({s.seq_id for s in faulty}) == len(faulty)  # every sequence exactly once
+    assert verify_cache(faulty) == []
+
+
+def test_wrong_server_settings_are_refused_before_work(assets, teacher, server, tmp_path):
+    other = str(tmp_path / "other-tokenizer")
+    tiny.build_tokenizer(other, vocab_size=280, seed=9)
+    cases = [
+        (["--url", server, "--model", "nope"], f"serves ['{SERVED}'], not 'nope'"),
+        (["--url", server, "--top-k", "20"], "restart it with --max-logprobs 20 or more"),
+        (["--url", server, "--tokenizer", other], "tokenizer disagrees with the local one"),
+        (["--url", "http://127.0.0.1:9"], "does not answer"),
+    ]
+    for i, (flags, message) in enumerate(cases):
+        r = server_dump(assets, teacher, tmp_path / f"c{i}", *flags)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and not (tmp_path / f"c{i}" / "zarr.json").exists()
+
+
+def wait_for_shard(cache_dir, proc, more_than=0, timeout=300):
+    """Wait until the dump in `proc` has committed more than `more_than` shards."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (cache_dir / "manifest.parquet").exists() and len(open_cache(cache_dir, check=False)
+                                                            .shard_rows) > more_than:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killed_server_stops_the_dump_and_a_restart_completes_it(assets, teacher, server,
+                                                                 served_cache, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "s.log", "w")
+    second = start_server(teacher, port, log)
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "c"
+    dump_proc = server_dump(assets, teacher, out, "--url", url, "--concurrency", "1",
+                            "--retries", "3", popen=True)
+    assert wait_for_shard(out, dump_proc), "the dump finished before a shard was seen"
+    stop(second)
+    _, stderr = dump_proc.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    if dump_proc.returncode == 0:  # it finished the last shard before the kill landed
+        pytest.fail("the dump outran the kill: give it more data")
+    assert dump_proc.returncode == 2 and len(errors) == 1, stderr[-2000:]
+    assert "failed 3 times" in errors[0] and "Traceback" not in stderr
+    partial = open_cache(out)
+    assert partial.status == "partial" and verify_cache(partial) == []
+    second = start_server(teacher, port, log)
+    try:  # two servers, one of them killed while the dump runs: the other finishes it
+        resumed = server_dump(assets, teacher, out, "--url", url, "--url", server,
+                              "--concurrency", "1", popen=True)
+        assert wait_for_shard(out, resumed, more_than=len(partial.shard_rows)), \
+            "the resumed dump finished before the second server could be killed"
+        stop(second)
+        _, stderr = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, stderr[-3000:]
+    finally:
+        if second.poll() is None:
+            stop(second)
+    done = open_cache(out)
+    assert done.status == "complete" and verify_cache(done) == []
+    assert_same_arrays(done, served_cache, exact=True)

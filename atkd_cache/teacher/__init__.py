@@ -27,3 +27,4 @@ class Teacher:
     logits_width: int
     revision: str | None = None
     max_length: int | None = None  # tokens the teacher takes in one sequence, if it says
+    extra: dict | None = None  # what the card's `extra` records of it (a served teacher's engine)

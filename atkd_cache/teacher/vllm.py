@@ -52,6 +52,33 @@ def isolate_rank(local_rank: int, tensor_parallel_size: int) -> None:
             )
 
 
+def ranked_entries(entries, targets: np.ndarray, k: int):
+    """(log-prob of each target, top-k ids, top-k log-probs) from one dict per target of
+    {token id: entry with .logprob and .rank}: the target plus ranks 1..k (the offline
+    engine's objects, or the server's JSON: teacher/server.py)."""
+    m = len(targets)
+    topk_ids = np.empty((m, k), np.int64)
+    topk_lp = np.empty((m, k), np.float32)
+    target_lp = np.empty(m, np.float32)
+    for t, entry in enumerate(entries):
+        target_lp[t] = entry[int(targets[t])].logprob
+        ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank <= k)
+        topk_ids[t] = [tid for _, tid, _ in ranked[:k]]
+        topk_lp[t] = [v for _, _, v in ranked[:k]]
+    return target_lp, topk_ids, topk_lp
+
+
+def position_arrays(target, topk_ids, top) -> dict[str, np.ndarray]:
+    """The cache arrays of positions from vLLM's top-k (the entropy is a lower bound)."""
+    return {
+        "topk_ids": topk_ids,
+        "topk_logprobs": top,
+        "target_logprob": target,
+        "entropy": entropy_lower_bound(top),
+        "uncertainty": (-np.expm1(target.astype(np.float64))).astype(np.float32),
+    }
+
+
 class VllmTeacher:
     """An offline vLLM engine set up for raw prompt log-probs (no prefix caching)."""
 
@@ -180,7 +207,7 @@ class VllmTeacher:
                 reply = np.asarray(done.token_ids, dtype=np.int64)
                 seq = reply_sequence(p, reply)
                 target_lp, topk_ids, topk_lp = self._ranked(done.logprobs, reply)
-                results.append((seq, self._position_arrays(target_lp, topk_ids, topk_lp)))
+                results.append((seq, position_arrays(target_lp, topk_ids, topk_lp)))
             if on_done is not None:
                 on_done(len(chunk))
         return results
@@ -195,30 +222,11 @@ class VllmTeacher:
             if not np.array_equal(ids[:, 0], targets):
                 raise UserError("vLLM returned log-probs for other tokens than the sequence's")
             return lps[:, 0], ids[:, 1:], lps[:, 1:]
-        topk_ids = np.empty((m, k), np.int64)
-        topk_lp = np.empty((m, k), np.float32)
-        target_lp = np.empty(m, np.float32)
-        for t, entry in enumerate(entries):  # dict per position: the target plus ranks 1..k
-            target_lp[t] = entry[int(targets[t])].logprob
-            ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
-                            if lp.rank <= k)
-            topk_ids[t] = [tid for _, tid, _ in ranked[:k]]
-            topk_lp[t] = [v for _, _, v in ranked[:k]]
-        return target_lp, topk_ids, topk_lp
-
-    @staticmethod
-    def _position_arrays(target, topk_ids, top) -> dict[str, np.ndarray]:
-        return {
-            "topk_ids": topk_ids,
-            "topk_logprobs": top,
-            "target_logprob": target,
-            "entropy": entropy_lower_bound(top),
-            "uncertainty": (-np.expm1(target.astype(np.float64))).astype(np.float32),
-        }
+        return ranked_entries(entries, targets, k)
 
     def _arrays(self, seq: TokenizedSequence, plp) -> dict[str, np.ndarray]:
         targets = seq.input_ids[1:].astype(np.int64)
         # prompt log-probs: entry 0 is empty (nothing predicts the first token)
         target_lp, topk_ids, topk_lp = self._ranked(plp if self.flat else plp[1:], targets)
         sup = seq.supervised
-        return self._position_arrays(target_lp[sup], topk_ids[sup], topk_lp[sup])
+        return position_arrays(target_lp[sup], topk_ids[sup], topk_lp[sup])
