@@ -133,10 +133,11 @@ class ServerTeacher:
                             f": pass --model with the served name, or fix --url")
         model = models[names.index(self.cfg.model)]
         max_len = model.get("max_model_len")
-        if max_len is not None and longest > max_len:
-            raise UserError(f"server {url} has max_model_len {max_len}, below the longest "
-                            f"sequence ({longest} tokens): restart it with --max-model-len "
-                            f"{longest} or more, or pass --max-length {max_len}")
+        if max_len is not None and longest + 1 > max_len:  # + the one token it generates
+            raise UserError(f"server {url} has max_model_len {max_len}, too small for the "
+                            f"longest sequence ({longest} tokens, plus one generated): restart "
+                            f"it with --max-model-len {longest + 1} or more, or pass "
+                            f"--max-length {max_len - 1}")
         r = self._get(client, url, "/tokenize", json={"model": self.cfg.model,
                                                         "prompt": PROBE_TEXT,
                                                         "add_special_tokens": False})

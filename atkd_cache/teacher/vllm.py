@@ -155,11 +155,13 @@ class VllmTeacher:
         """Per sequence, the teacher arrays of its supervised positions (as the HF backend)."""
         from vllm.inputs import TokensPrompt
 
-        too_long = [len(s.input_ids) for s in seqs if len(s.input_ids) > self.max_model_len]
+        # the request also asks for one output token (max_tokens=1), which needs a position
+        too_long = [len(s.input_ids) for s in seqs if len(s.input_ids) >= self.max_model_len]
         if too_long:
             raise UserError(
-                f"a sequence of {max(too_long)} tokens exceeds vLLM's max model length "
-                f"{self.max_model_len}: pass --max-length or --max-model-len"
+                f"a sequence of {max(too_long)} tokens does not fit vLLM's max model length "
+                f"{self.max_model_len} (it needs one position more): pass --max-length "
+                f"{self.max_model_len - 1} or --max-model-len {max(too_long) + 1}"
             )
         results = []
         for lo in range(0, len(seqs), REQUESTS_PER_CALL):
