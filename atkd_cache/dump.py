@@ -280,9 +280,6 @@ def validate(cfg: DumpConfig) -> None:
     if cfg.backend == "server":
         if not cfg.urls:
             raise UserError("--backend server needs --url (one per server)")
-        if cfg.generate:
-            raise UserError("--generate is not available with --backend server yet: use "
-                            "--backend vllm or hf")
         if cfg.concurrency < 1 or cfg.retries < 1 or cfg.request_timeout <= 0:
             raise UserError("--concurrency and --retries must be >= 1, --request-timeout > 0")
     if cfg.mode == "sampled" and cfg.backend in ("vllm", "server"):
@@ -397,7 +394,11 @@ def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None, toke
             urls=list(cfg.urls), model=cfg.model, top_k=cfg.top_k, concurrency=cfg.concurrency,
             timeout=cfg.request_timeout, retries=cfg.retries))
         info = served.check(tokenizer, longest)
-        return Teacher(score=served.score, generate=None,
+        if spec is not None:
+            served.check_generation()
+        return Teacher(score=served.score,
+                       generate=lambda prompts, on_batch=None: served.generate(
+                           prompts, spec, on_batch),
                        logits_width=served_width(cfg.tokenizer or cfg.model, tokenizer),
                        max_length=info.get("max_model_len"), extra={"server": info})
     if cfg.backend == "vllm":
@@ -436,7 +437,9 @@ def generation_inputs(
     spec = GenerationSpec(
         num_responses=cfg.num_responses, temperature=cfg.gen_temperature, top_p=cfg.top_p,
         max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, seed=cfg.seed,
-        eos_token_ids=eos_token_ids(cfg.model, tokenizer, cfg.revision),
+        # (a served model's name is no folder: its local tokenizer folder has the config)
+        eos_token_ids=eos_token_ids(cfg.tokenizer or cfg.model if cfg.backend == "server"
+                                    else cfg.model, tokenizer, cfg.revision),
     )
     prompts, fingerprint = teacher_prompts(rows, tokenizer, cfg.data)
     limit = cfg.data.max_length
@@ -498,7 +501,9 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
                 f"the longest prompt plus --max-new-tokens {cfg.max_new_tokens} is {longest} "
                 f"tokens, over the teacher's {teacher.max_length}: lower --max-new-tokens or "
                 f"pass --max-length to refuse long prompts"
-                + (" (or raise --max-model-len)" if cfg.backend == "vllm" else "")
+                + (" (or raise --max-model-len)" if cfg.backend == "vllm" else
+                   " (or restart the server with a larger --max-model-len)"
+                   if cfg.backend == "server" else "")
             )
     card = build_card(cfg, width, teacher.revision, tokenizer, stats.fingerprint, len(windows),
                       spec)

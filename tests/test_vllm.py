@@ -154,7 +154,21 @@ def test_one_engine_per_rank_equals_one_process(assets, teacher, caches, tmp_pat
         assert_topk_match(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs)
 
 
-def test_generate_captures_raw_logprobs_equal_to_hf_rescoring(assets, teacher, tmp_path):
+GEN = ("--generate", "--num-responses", "2", "--max-new-tokens", "12", "--gen-temperature",
+       "0.7", "--top-p", "0.9", "--limit", "8", "--shard-positions", "48")
+
+
+@pytest.fixture(scope="module")
+def generated(assets, teacher, tmp_path_factory):
+    """Two --generate dumps on the offline engine with the same seed."""
+    root = tmp_path_factory.mktemp("generated")
+    for name in ("a", "b"):
+        r = vllm_dump(assets, teacher, root / name, *GEN)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return open_cache(root / "a"), open_cache(root / "b")
+
+
+def test_generate_captures_raw_logprobs_equal_to_hf_rescoring(teacher, generated):
     """--generate on vLLM: sample log-probs (raw, not the 0.7-tempered ones the sampler
     used) equal a teacher-forced HF pass over each finished sequence; a re-run with the same
     seed writes the same replies."""
@@ -164,13 +178,7 @@ def test_generate_captures_raw_logprobs_equal_to_hf_rescoring(assets, teacher, t
     from atkd_cache.models import load_causal_lm
     from atkd_cache.teacher.hf import teacher_outputs
 
-    gen = ("--generate", "--num-responses", "2", "--max-new-tokens", "12", "--gen-temperature",
-           "0.7", "--top-p", "0.9", "--limit", "8", "--shard-positions", "48")
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for out in runs:
-        r = vllm_dump(assets, teacher, out, *gen)
-        assert r.returncode == 0, r.stderr[-3000:]
-    cache, again = open_cache(runs[0]), open_cache(runs[1])
+    cache, again = generated
     assert cache.card.generated and len(cache) == 16 and verify_cache(cache) == []
     assert cache.card.generation["temperature"] == 0.7 and cache.card.backend == "vllm"
     model = load_causal_lm(teacher, "fp32")
@@ -205,7 +213,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, log) -> subprocess.Popen:
+def start_server(model: str, port: int, log, *flags) -> subprocess.Popen:
     """`python -m vllm.entrypoints.openai.api_server` (the `vllm` script looks up the package
     named vllm, which the CPU build is not) on loopback, once it answers /v1/models."""
     import httpx
@@ -214,7 +222,7 @@ def start_server(model: str, port: int, log) -> subprocess.Popen:
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-logprobs", "16", "--max-model-len", "512", "--enforce-eager",
-         "--served-model-name", SERVED, "--gpu-memory-utilization", "0.1"],
+         "--served-model-name", SERVED, "--gpu-memory-utilization", "0.1", *flags],
         env=ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -317,6 +325,36 @@ def test_wrong_server_settings_are_refused_before_work(assets, teacher, server, 
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr and not (tmp_path / f"c{i}" / "zarr.json").exists()
+
+
+def test_server_generate_equals_offline_vllm_generate(assets, teacher, server, generated,
+                                                       tmp_path):
+    """--generate through a server: the same replies as the offline engine with the same
+    seeds, and the same raw sample log-probs; the card says it was generated, served."""
+    r = server_dump(assets, teacher, tmp_path / "g", "--url", server, *GEN)
+    assert r.returncode == 0, r.stderr[-3000:]
+    served, offline = open_cache(tmp_path / "g"), generated[0]
+    assert served.card.generated and served.card.backend == "server"
+    assert served.card.generation == offline.card.generation
+    assert_same_arrays(served, offline)
+    assert verify_cache(served) == []
+
+
+def test_server_with_processed_logprobs_is_refused_for_generate(assets, teacher, tmp_path):
+    """A server started with --logprobs-mode processed_logprobs would store tempered
+    log-probs as the teacher's: --generate refuses it before any work, in one line."""
+    port = free_port()
+    proc = start_server(teacher, port, open(tmp_path / "s.log", "w"),
+                        "--logprobs-mode", "processed_logprobs")
+    try:
+        r = server_dump(assets, teacher, tmp_path / "g", "--url", f"http://127.0.0.1:{port}",
+                        *GEN)
+    finally:
+        stop(proc)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert "--logprobs-mode raw_logprobs" in errors[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "g" / "zarr.json").exists()
 
 
 def wait_for_shard(cache_dir, proc, more_than=0, timeout=300):

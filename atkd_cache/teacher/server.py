@@ -28,6 +28,10 @@ from atkd_cache.errors import UserError
 from atkd_cache.teacher.vllm import position_arrays, ranked_entries
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+# Sent with every request so that the server's defaults (vLLM fills unset sampling fields
+# from the model's generation_config.json) cannot penalise or warp what we are given.
+NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+           "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 PROBE_TEXT = "The capital of France is Paris. 1 + 2 = 3; naïve café, 東京."
 
 
@@ -81,6 +85,29 @@ def parse_prompt_logprobs(body: dict, seq: TokenizedSequence, k: int) -> dict[st
     return position_arrays(target_lp[sup], topk_ids[sup], topk_lp[sup])
 
 
+def parse_reply(body: dict, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A generated reply's token ids and the cache arrays of its positions from a completions
+    response with `logprobs=k` and `return_tokens_as_token_ids`: per step a dict of
+    "token_id:N" -> raw log-prob holding the sampled token and the top-k (k + 1 entries when
+    the sampled token is outside the top-k, else k)."""
+    choice = body["choices"][0]
+    reply = np.asarray(choice["token_ids"], dtype=np.int64)
+    steps = choice["logprobs"]["top_logprobs"]
+    if len(steps) != len(reply):
+        raise ValueError(f"{len(steps)} log-prob steps for {len(reply)} reply tokens")
+    entries = []
+    for token, step in zip(reply.tolist(), steps, strict=True):
+        ranked = {int(key.rsplit(":", 1)[1]): value for key, value in step.items()}
+        order = sorted(ranked, key=lambda t: -ranked[t])  # stable: the server's rank order
+        if len(ranked) > k:  # the sampled token is outside the top-k
+            order.remove(token)
+        entry = {t: Logprob(ranked[t], r + 1) for r, t in enumerate(order)}
+        entry.setdefault(token, Logprob(ranked[token], k + 1))
+        entries.append(entry)
+    target_lp, topk_ids, topk_lp = ranked_entries(entries, reply, k)
+    return reply, position_arrays(target_lp, topk_ids, topk_lp)
+
+
 class ServerTeacher:
     """A client of one or many vLLM servers (module docstring)."""
 
@@ -101,6 +128,7 @@ class ServerTeacher:
         """Refuse, in one line naming the server, a server that cannot serve this dump.
         Returns what the first server reports (model root, max_model_len, engine version)."""
         probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        self._probe_ids = list(probe)
         with self.httpx.Client(timeout=30.0) as client:
             for url in self.urls:
                 info = self._check_one(client, url, probe, longest)
@@ -158,20 +186,80 @@ class ServerTeacher:
                 if version.status_code == 200 else "unknown"}
 
     def _request(self, ids: list[int]) -> dict:
+        """A scoring request: the prompt's log-probs, one (ignored) token generated."""
         return {"model": self.cfg.model, "prompt": ids, "max_tokens": 1,
-                "prompt_logprobs": self.cfg.top_k, "temperature": 1.0}
+                "prompt_logprobs": self.cfg.top_k, **NEUTRAL}
+
+    def _generation_request(self, prompt, spec) -> dict:
+        """A reply request: sampled as the offline vLLM backend samples it (the same per-reply
+        seed), with the raw top-k log-probs of every generated token, as token ids."""
+        from atkd_cache.teacher.generate import reply_seed
+
+        return {"model": self.cfg.model, "prompt": prompt.input_ids.tolist(),
+                "max_tokens": spec.max_new_tokens, "logprobs": self.cfg.top_k, **NEUTRAL,
+                "temperature": 0.0 if spec.greedy else spec.temperature,
+                "top_p": 1.0 if spec.greedy else spec.top_p,
+                "seed": reply_seed(spec.seed, prompt.seq_id) % (2**31),
+                # no EOS ids: replies run to max_new_tokens, as on the other backends
+                "stop_token_ids": list(spec.eos_token_ids),
+                "ignore_eos": not spec.eos_token_ids,
+                "return_tokens_as_token_ids": True, "return_token_ids": True}
+
+    def check_generation(self) -> None:
+        """Refuse a server whose sample log-probs are not raw (started with another
+        --logprobs-mode): a reply token's log-prob at temperature 0.25 must equal the
+        prompt log-prob of the same token at the same position (T = 1)."""
+        from atkd_cache.teacher.generate import GenerationSpec, Prompt
+
+        probe = Prompt(0, np.asarray(self._probe_ids, dtype=np.int64))
+        spec = GenerationSpec(temperature=0.25, max_new_tokens=1)
+        with self.httpx.Client(timeout=60.0) as client:
+            for url in self.urls:
+                r = self._get(client, url, "/v1/completions",
+                              json=self._generation_request(probe, spec))
+                if r.status_code != 200:
+                    raise UserError(f"server {url} refused a generation probe "
+                                    f"({_error_message(r)}): see the server's log")
+                token, sampled = parse_reply(r.json(), self.cfg.top_k)
+                ids = self._probe_ids + [int(token[0])]
+                r = self._get(client, url, "/v1/completions", json=self._request(ids))
+                entry = r.json()["choices"][0]["prompt_logprobs"][-1]
+                scored = entry[str(int(token[0]))]["logprob"]
+                if abs(scored - float(sampled["target_logprob"][0])) > 1e-3:
+                    raise UserError(f"server {url} returns processed sample log-probs, not "
+                                    f"raw ones: restart it with --logprobs-mode raw_logprobs")
 
     # -- the pass ----------------------------------------------------------------------
     def score(self, seqs: list[TokenizedSequence], on_done=None) -> list[dict[str, np.ndarray]]:
         """Per sequence, the arrays of its supervised positions (the Teacher interface)."""
-        return asyncio.run(self._score_all(seqs, on_done))
+        def parse(body, seq):
+            return parse_prompt_logprobs(body, seq, self.cfg.top_k)
 
-    async def _score_all(self, seqs, on_done):
+        return asyncio.run(self._all(seqs, self._request_of_seq, parse,
+                                     lambda seq: len(seq.input_ids), on_done))
+
+    def generate(self, prompts: list, spec, on_done=None) -> list[tuple[TokenizedSequence, dict]]:
+        """One reply per prompt (teacher/generate.Prompt): the finished sequence and its
+        per-position arrays from the server's raw sample log-probs (the Teacher interface)."""
+        from atkd_cache.teacher.generate import reply_sequence
+
+        def parse(body, prompt):
+            reply, arrays = parse_reply(body, self.cfg.top_k)
+            return reply_sequence(prompt, reply), arrays
+
+        return asyncio.run(self._all(prompts, lambda p: self._generation_request(p, spec),
+                                     parse, lambda p: 1, on_done))
+
+    def _request_of_seq(self, seq: TokenizedSequence) -> dict:
+        return self._request(seq.input_ids.tolist())
+
+    async def _all(self, items, request_of, parse, size, on_done):
         limits = self.httpx.Limits(max_connections=self.cfg.concurrency * len(self.urls))
         gates = [asyncio.Semaphore(self.cfg.concurrency) for _ in self.urls]
         async with self.httpx.AsyncClient(timeout=self.cfg.timeout, limits=limits) as client:
-            tasks = [asyncio.create_task(self._one(client, gates, i, s, on_done))
-                     for i, s in enumerate(seqs)]
+            tasks = [asyncio.create_task(self._one(client, gates, i, item, request_of, parse,
+                                                   size, on_done))
+                     for i, item in enumerate(items)]
             try:
                 return await asyncio.gather(*tasks)
             except BaseException:
@@ -180,32 +268,31 @@ class ServerTeacher:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
 
-    async def _one(self, client, gates, i: int, seq: TokenizedSequence, on_done):
+    async def _one(self, client, gates, i: int, item, request_of, parse, size, on_done):
         last = ""
         for attempt in range(self.cfg.retries):
             at = (i + attempt) % len(self.urls)  # spread, and move on after a failure
             try:
                 async with gates[at]:
-                    body = await self._post(client, self.urls[at], seq)
+                    body = await self._post(client, self.urls[at], request_of(item))
                 try:
-                    out = parse_prompt_logprobs(body, seq, self.cfg.top_k)
-                except (KeyError, TypeError, IndexError) as e:
-                    raise Retry(f"an answer without the prompt log-probs ({e!r})") from None
+                    out = parse(body, item)
+                except (KeyError, TypeError, IndexError, ValueError) as e:
+                    raise Retry(f"an answer without the log-probs asked for ({e!r})") from None
                 if on_done is not None:
-                    on_done(len(seq.input_ids))
+                    on_done(size(item))
                 return out
             except Retry as e:
                 last = f"{self.urls[at]}: {e}"
                 delay = min(30.0, self.cfg.backoff * 2**attempt) * (0.5 + random.random())
                 await asyncio.sleep(delay)
         raise UserError(f"the teacher server failed {self.cfg.retries} times on sequence "
-                        f"{seq.seq_id} (last: {last}): check the servers, then re-run the same "
-                        f"command to resume after the committed shards")
+                        f"{item.seq_id} (last: {last}): check the servers, then re-run the "
+                        f"same command to resume after the committed shards")
 
-    async def _post(self, client, url: str, seq: TokenizedSequence) -> dict:
+    async def _post(self, client, url: str, request: dict) -> dict:
         try:
-            r = await client.post(url + "/v1/completions",
-                                  json=self._request(seq.input_ids.tolist()))
+            r = await client.post(url + "/v1/completions", json=request)
         except self.httpx.TimeoutException:
             raise Retry(f"no answer within {self.cfg.timeout:g} s") from None
         except self.httpx.TransportError as e:
