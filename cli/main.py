@@ -108,7 +108,8 @@ def main() -> None:
               help="Data parallel: number of ranks (default: torchrun's / SLURM's, else 1).")
 @click.option("--generate", is_flag=True, default=False,
               help="The teacher writes the responses to the prompts (chat up to the last user "
-                   "turn, or --prompt-field) and its distribution is captured as it writes.")
+                   "turn, or --prompt-field) and its distribution is captured as it writes "
+                   "(hf, vllm, or server started with the default --logprobs-mode raw_logprobs).")
 @click.option("--num-responses", type=int, default=1, show_default=True,
               help="--generate: replies per prompt.")
 @click.option("--gen-temperature", type=float, default=1.0, show_default=True,

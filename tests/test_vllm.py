@@ -4,6 +4,7 @@ resume behaving as with the HF backend, and a data-parallel pass with one engine
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -402,3 +403,39 @@ def test_killed_server_stops_the_dump_and_a_restart_completes_it(assets, teacher
     done = open_cache(out)
     assert done.status == "complete" and verify_cache(done) == []
     assert_same_arrays(done, served_cache, exact=True)
+
+
+def test_real_smollm2_served_equals_offline_vllm_and_hf(tmp_path_factory):
+    """The real teacher (SmolLM2-135M-Instruct, DESIGN §6) behind a real server, on real chat
+    data: the served cache equals the offline vLLM engine's and HF's within the parity
+    tolerance, top-k for top-k."""
+    from atkd_cache import assets as real
+
+    root = tmp_path_factory.mktemp("smollm2")
+    teacher = real.smollm2_folder(str(root), dtype="fp32")
+    chats = [c for c in (real.to_chat(x, 4) for x in real.chitchat_conversations(12)) if c]
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    common = ["--data", str(data), "--messages-field", "messages", "--top-k", "16",
+              "--logprob-dtype", "float32", "--shard-positions", "400", "--no-progress"]
+    proc = start_server(teacher, free_port(), open(root / "server.log", "w"))
+    url = f"http://127.0.0.1:{proc.args[proc.args.index('--port') + 1]}"
+    try:
+        served = subprocess.run(CLI + ["dump-teacher", "--backend", "server", "--url", url,
+                                       "--model", SERVED, "--tokenizer", teacher,
+                                       "-o", str(root / "served"), *common],
+                                env=ENV, capture_output=True, text=True, timeout=900)
+    finally:
+        stop(proc)
+    assert served.returncode == 0, served.stderr[-3000:]
+    for backend in ("vllm", "hf"):
+        extra = ["--enforce-eager", "--max-model-len", "512"] if backend == "vllm" else []
+        r = subprocess.run(CLI + ["dump-teacher", "--backend", backend, "--model", teacher,
+                                  "--dtype", "fp32", "-o", str(root / backend), *common,
+                                  *extra], env=ENV, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    served = open_cache(root / "served")
+    assert len(served) == len(chats) and served.card.backend == "server"
+    assert verify_cache(served) == []
+    for other in ("vllm", "hf"):
+        assert_same_arrays(served, open_cache(root / other))
