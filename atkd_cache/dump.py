@@ -393,9 +393,7 @@ def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None, toke
         served = ServerTeacher(ServerConfig(
             urls=list(cfg.urls), model=cfg.model, top_k=cfg.top_k, concurrency=cfg.concurrency,
             timeout=cfg.request_timeout, retries=cfg.retries))
-        info = served.check(tokenizer, longest)
-        if spec is not None:
-            served.check_generation()
+        info = served.check(tokenizer, longest, generate=spec is not None)
         return Teacher(score=served.score,
                        generate=lambda prompts, on_batch=None: served.generate(
                            prompts, spec, on_batch),

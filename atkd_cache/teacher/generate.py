@@ -76,6 +76,19 @@ def reply_seed(seed: int, seq_id: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def vllm_sampling(spec: GenerationSpec, seq_id: int, top_k: int) -> dict:
+    """One reply's vLLM sampling fields, the same for the offline engine (SamplingParams) and
+    a server (/v1/completions takes the same names), so both write the same replies: its own
+    seed (reply_seed, modulo the 2**31 vLLM takes), the top-k sample log-probs, greedy as
+    temperature 0, and the EOS ids as stop ids (none: replies run to max_new_tokens, as on
+    the HF backend)."""
+    return {"max_tokens": spec.max_new_tokens, "logprobs": top_k,
+            "stop_token_ids": list(spec.eos_token_ids), "ignore_eos": not spec.eos_token_ids,
+            "temperature": 0.0 if spec.greedy else spec.temperature,
+            "top_p": 1.0 if spec.greedy else spec.top_p,
+            "seed": reply_seed(spec.seed, seq_id) % (2**31)}
+
+
 def nucleus_choice(z: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float):
     """Token ids drawn from softmax(z / temperature) cut to its top-p nucleus (the smallest
     set of most probable tokens holding >= top_p of the mass): the first id, in vocabulary

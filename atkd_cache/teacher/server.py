@@ -124,14 +124,16 @@ class ServerTeacher:
         self.info: dict = {}
 
     # -- before any work ---------------------------------------------------------------
-    def check(self, tokenizer, longest: int) -> dict:
-        """Refuse, in one line naming the server, a server that cannot serve this dump.
-        Returns what the first server reports (model root, max_model_len, engine version)."""
-        probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        self._probe_ids = list(probe)
+    def check(self, tokenizer, longest: int, generate: bool = False) -> dict:
+        """Refuse, in one line naming the server, a server that cannot serve this dump (with
+        `generate`, also one whose sample log-probs are not raw). Returns what the first
+        server reports (model root, max_model_len, engine version)."""
+        probe = list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
         with self.httpx.Client(timeout=30.0) as client:
             for url in self.urls:
                 info = self._check_one(client, url, probe, longest)
+                if generate:
+                    self._check_raw_logprobs(client, url, probe)
                 self.info = self.info or info
         return self.info
 
@@ -191,43 +193,35 @@ class ServerTeacher:
                 "prompt_logprobs": self.cfg.top_k, **NEUTRAL}
 
     def _generation_request(self, prompt, spec) -> dict:
-        """A reply request: sampled as the offline vLLM backend samples it (the same per-reply
-        seed), with the raw top-k log-probs of every generated token, as token ids."""
-        from atkd_cache.teacher.generate import reply_seed
+        """A reply request: sampled as the offline vLLM backend samples it (the same fields,
+        generate.vllm_sampling), with the raw top-k log-probs of every generated token, as
+        token ids."""
+        from atkd_cache.teacher.generate import vllm_sampling
 
-        return {"model": self.cfg.model, "prompt": prompt.input_ids.tolist(),
-                "max_tokens": spec.max_new_tokens, "logprobs": self.cfg.top_k, **NEUTRAL,
-                "temperature": 0.0 if spec.greedy else spec.temperature,
-                "top_p": 1.0 if spec.greedy else spec.top_p,
-                "seed": reply_seed(spec.seed, prompt.seq_id) % (2**31),
-                # no EOS ids: replies run to max_new_tokens, as on the other backends
-                "stop_token_ids": list(spec.eos_token_ids),
-                "ignore_eos": not spec.eos_token_ids,
+        return {"model": self.cfg.model, "prompt": prompt.input_ids.tolist(), **NEUTRAL,
+                **vllm_sampling(spec, prompt.seq_id, self.cfg.top_k),
                 "return_tokens_as_token_ids": True, "return_token_ids": True}
 
-    def check_generation(self) -> None:
+    def _check_raw_logprobs(self, client, url: str, probe: list[int]) -> None:
         """Refuse a server whose sample log-probs are not raw (started with another
         --logprobs-mode): a reply token's log-prob at temperature 0.25 must equal the
         prompt log-prob of the same token at the same position (T = 1)."""
         from atkd_cache.teacher.generate import GenerationSpec, Prompt
 
-        probe = Prompt(0, np.asarray(self._probe_ids, dtype=np.int64))
-        spec = GenerationSpec(temperature=0.25, max_new_tokens=1)
-        with self.httpx.Client(timeout=60.0) as client:
-            for url in self.urls:
-                r = self._get(client, url, "/v1/completions",
-                              json=self._generation_request(probe, spec))
-                if r.status_code != 200:
-                    raise UserError(f"server {url} refused a generation probe "
-                                    f"({_error_message(r)}): see the server's log")
-                token, sampled = parse_reply(r.json(), self.cfg.top_k)
-                ids = self._probe_ids + [int(token[0])]
-                r = self._get(client, url, "/v1/completions", json=self._request(ids))
-                entry = r.json()["choices"][0]["prompt_logprobs"][-1]
-                scored = entry[str(int(token[0]))]["logprob"]
-                if abs(scored - float(sampled["target_logprob"][0])) > 1e-3:
-                    raise UserError(f"server {url} returns processed sample log-probs, not "
-                                    f"raw ones: restart it with --logprobs-mode raw_logprobs")
+        request = self._generation_request(Prompt(0, np.asarray(probe, dtype=np.int64)),
+                                           GenerationSpec(temperature=0.25, max_new_tokens=1))
+        r = self._get(client, url, "/v1/completions", json=request, timeout=60.0)
+        if r.status_code != 200:
+            raise UserError(f"server {url} refused a generation probe "
+                            f"({_error_message(r)}): see the server's log")
+        token, sampled = parse_reply(r.json(), self.cfg.top_k)
+        r = self._get(client, url, "/v1/completions",
+                      json=self._request(probe + [int(token[0])]), timeout=60.0)
+        entry = r.json()["choices"][0]["prompt_logprobs"][-1]
+        scored = entry[str(int(token[0]))]["logprob"]
+        if abs(scored - float(sampled["target_logprob"][0])) > 1e-3:
+            raise UserError(f"server {url} returns processed sample log-probs, not "
+                            f"raw ones: restart it with --logprobs-mode raw_logprobs")
 
     # -- the pass ----------------------------------------------------------------------
     def score(self, seqs: list[TokenizedSequence], on_done=None) -> list[dict[str, np.ndarray]]:
@@ -235,8 +229,8 @@ class ServerTeacher:
         def parse(body, seq):
             return parse_prompt_logprobs(body, seq, self.cfg.top_k)
 
-        return asyncio.run(self._all(seqs, self._request_of_seq, parse,
-                                     lambda seq: len(seq.input_ids), on_done))
+        return asyncio.run(self._all(seqs, lambda seq: self._request(seq.input_ids.tolist()),
+                                     parse, lambda seq: len(seq.input_ids), on_done))
 
     def generate(self, prompts: list, spec, on_done=None) -> list[tuple[TokenizedSequence, dict]]:
         """One reply per prompt (teacher/generate.Prompt): the finished sequence and its
@@ -249,9 +243,6 @@ class ServerTeacher:
 
         return asyncio.run(self._all(prompts, lambda p: self._generation_request(p, spec),
                                      parse, lambda p: 1, on_done))
-
-    def _request_of_seq(self, seq: TokenizedSequence) -> dict:
-        return self._request(seq.input_ids.tolist())
 
     async def _all(self, items, request_of, parse, size, on_done):
         limits = self.httpx.Limits(max_connections=self.cfg.concurrency * len(self.urls))

@@ -182,7 +182,7 @@ class VllmTeacher:
         import vllm
         from vllm.inputs import TokensPrompt
 
-        from atkd_cache.teacher.generate import reply_seed, reply_sequence
+        from atkd_cache.teacher.generate import reply_sequence, vllm_sampling
 
         # (dump.py has refused prompts that with max_new_tokens exceed max_model_len)
         results = []
@@ -190,13 +190,7 @@ class VllmTeacher:
             chunk = prompts[lo : lo + REQUESTS_PER_CALL]
             params = []
             for p in chunk:
-                kw = dict(max_tokens=spec.max_new_tokens, logprobs=self.top_k, detokenize=False,
-                          # no EOS ids: replies run to max_new_tokens, as on the HF backend
-                          stop_token_ids=list(spec.eos_token_ids),
-                          ignore_eos=not spec.eos_token_ids,
-                          temperature=0.0 if spec.greedy else spec.temperature,
-                          top_p=1.0 if spec.greedy else spec.top_p,
-                          seed=reply_seed(spec.seed, p.seq_id) % (2**31))
+                kw = {**vllm_sampling(spec, p.seq_id, self.top_k), "detokenize": False}
                 if self.flat:
                     kw["flat_logprobs"] = True
                 params.append(vllm.SamplingParams(**kw))
