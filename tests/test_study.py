@@ -1,64 +1,129 @@
-"""The study (atkd_cache/study.py) end to end at smoke size on the real teacher and data:
-every stage runs, the student is a healed (pretrained) one, every arm's student moves
-towards the teacher from that start, the results file is complete, and a re-run continues
-from the results instead of training again."""
+"""The study (atkd_cache/study.py, second design) end to end at smoke size on the real
+teacher and data, its report recomputed here from the raw per-prompt scores, and the docs'
+generated blocks checked against the committed results files (figures printed by code)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import math
 import os
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from atkd_cache.study import ARMS, SMOKE, StudyConfig, run_study, train_arm
+from atkd_cache.errors import UserError
+from atkd_cache.stats import POWER_Z, Paired, verdict
+from atkd_cache.study import SMOKE, StudyConfig, run_key, run_study
+from atkd_cache.study_report import blocks, format_report, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_study_smoke_on_real_assets(tmp_path):
     cfg = StudyConfig(**{**SMOKE, "workdir": str(tmp_path)})
     lines: list[str] = []
-    summary = run_study(cfg, log=lines.append)
+    run_study(cfg, log=lines.append)
     doc = json.load(open(tmp_path / "results.json"))
+    assert doc["complete"] and doc["design"] == 2
 
-    student = doc["student"]["test"]  # healing made a language model of the cut network
-    assert student["healed"]["nll"] < student["cut"]["nll"] - 3
-    assert student["teacher"]["nll"] < student["healed"]["nll"]
+    # the student is pinned by its weights' hash, and was healed on KJV text, not chitchat
+    healed = tmp_path / f"student-{cfg.layers}L-kjv-{cfg.heal_chats}" / "model"
+    digest = hashlib.sha256((healed / "model.safetensors").read_bytes()).hexdigest()
+    assert doc["student"]["sha256"] == digest
+    heal = (tmp_path / "data" / f"heal-kjv-{cfg.heal_chats}.jsonl").read_text()
+    assert "God" in heal and "<|im_start|>assistant" in heal
 
-    assert set(summary["table"]) == set(ARMS)
-    start = student["healed"]
-    for arm, spec in ARMS.items():
-        run = doc["runs"][f"{arm}/lr{cfg.lrs[0]:g}/seed0"]
-        assert run["steps"] > 0 and run["loss"] == spec and run["epochs"] == cfg.epochs
-        assert not os.path.exists(os.path.join(run["out"], "checkpoints"))  # model/ only
-        test = run["test"]
-        assert {"nll", "top1_agreement", "ece", "rouge_l", "nll_easy", "nll_hard", "kl_easy",
-                "kl_hard"} <= set(test)
-        if spec.get("base") == "rkl":
-            # Reverse KL is mode-seeking: it moves the student's top choice towards the
-            # teacher's while the NLL of the reference tokens and the forward KL may rise
-            # (measured at this size: rkl NLL 7.29 -> 8.04, forward KL 4.00 -> 4.22, top-1
-            # agreement 0.058 -> 0.077; atkd-rkl 0.058 -> 0.123).
-            assert test["top1_agreement"] > start["top1_agreement"], arm
-        else:
-            assert test["nll"] < start["nll"], arm
-            assert test["kl_to_teacher"] < start["kl_to_teacher"], arm
-    assert set(summary["paired_vs_kd"]) == {a for a in ARMS if a.startswith("atkd")}
-    for name in ("study.md", "study.png", "easy_hard.png", "curves.png"):
-        assert os.path.getsize(tmp_path / name) > 1000, name
+    n = doc["data"]["test_prompts"]
+    assert n == cfg.test_prompts
+    assert doc["teacher"]["test"]["per_prompt"]["rouge_teacher"] == [1.0] * n
+    start = doc["student"]["test"]
+    for setting, seeds in (("teacher", cfg.seeds), ("human", cfg.human_seeds)):
+        for arm in cfg.arms:
+            for seed in seeds:
+                run = doc["runs"][run_key(setting, arm, cfg.lrs[0], seed)]
+                assert not os.path.exists(os.path.join(run["out"], "checkpoints"))
+                assert all(len(v) == n for v in run["test"]["per_prompt"].values())
+                if arm == "kd":  # distillation moved the student towards the teacher
+                    assert (run["test"]["teacher"]["kl_to_teacher"]
+                            < start["teacher"]["kl_to_teacher"]), (setting, seed)
 
-    # A seed must change the run: the student has no dropout and one start, so the seed is
-    # the data order (a pinned order once made seeds 1 and 2 copies of seed 0).
-    student = tmp_path / f"student-{cfg.layers}L-healed-templated-{cfg.heal_conversations}"
-    caches = {"train": str(tmp_path / f"cache-train-{cfg.train_conversations}")}
-    other = train_arm(cfg, "kd", cfg.lrs[0], 1, str(student / "model"), caches)
-    seed0 = doc["runs"][f"kd/lr{cfg.lrs[0]:g}/seed0"]["out"]
-    weights = [open(os.path.join(out, "model", "model.safetensors"), "rb").read()
-               for out in (seed0, other["out"])]
+    # the report, recomputed from the raw scores
+    summary = summarize(doc)
+    kd = [doc["runs"][run_key("teacher", "kd", cfg.lrs[0], s)]["test"] for s in cfg.seeds]
+    at = [doc["runs"][run_key("teacher", "atkd", cfg.lrs[0], s)]["test"] for s in cfg.seeds]
+    cut = start["teacher"]["kl_to_teacher"] - np.mean([r["teacher"]["kl_to_teacher"] for r in kd])
+    gate = summary["headroom"]
+    assert gate["kd_kl_cut"] == pytest.approx(cut) and gate["passed"] == (cut >= cfg.headroom_kl)
+    diffs = np.array([np.subtract(a["per_prompt"]["rouge_teacher"],
+                                  k["per_prompt"]["rouge_teacher"])
+                      for a, k in zip(at, kd, strict=True)])
+    effect = summary["primary"]["effect"]
+    assert effect["mean"] == pytest.approx(diffs.mean())
+    assert (effect["seeds"], effect["prompts"]) == diffs.shape
+    assert effect["mde"] == pytest.approx(POWER_Z * effect["se"]) and effect["se"] > 0
+    words = verdict(Paired(**effect), cfg.smallest_effect, "ATKD better than KD",
+                    "ATKD worse than KD")
+    assert summary["primary"]["verdict"].endswith(words)
+    assert summary["primary"]["verdict"].startswith("no headroom") == (not gate["passed"])
+
+    text = (tmp_path / "study.md").read_text()
+    assert text == format_report(doc) + "\n"
+    assert "Headroom gate: KD cut the test KL" in text
+    assert f"minimum detectable effect achieved {effect['mde']:.4f}" in text
+    assert "1 seed: no interval" in text  # the human setting has one seed
+    assert "± nan" not in text and "± 0.0000" not in text
+    assert not re.search(r"\[([+-]\d\.\d{4}), \1\]", text)  # no zero-width interval
+    assert doc["teacher"]["test"]["examples"][0] in text.replace(" / ", "\n")
+    assert os.path.getsize(tmp_path / "study.png") > 1000
+
+    # seeds are data orders: seed 1 is not a copy of seed 0
+    weights = [open(os.path.join(doc["runs"][run_key("teacher", "kd", cfg.lrs[0], s)]["out"],
+                                 "model", "model.safetensors"), "rb").read() for s in cfg.seeds]
     assert weights[0] != weights[1]
 
-    before = os.path.getmtime(tmp_path / "results.json")
     again: list[str] = []
-    run_study(cfg, log=again.append)  # everything is done: nothing trains again
-    assert not any(": val NLL" in line or "/seed0: test NLL" in line for line in again)
-    assert any("/seed0: test NLL" in line for line in lines)
-    assert os.path.getmtime(tmp_path / "results.json") >= before
+    run_study(cfg, log=again.append)  # everything is done: nothing trains or scores again
+    assert not any("ROUGE-L to teacher" in line for line in again)
+    assert any("ROUGE-L to teacher" in line for line in lines)
+
+    other = dataclasses.replace(cfg, test_prompts=cfg.test_prompts + 1)
+    with pytest.raises(UserError, match="other study sizes"):
+        run_study(other, log=lambda m: None)
+    doc["student"]["sha256"] = "0" * 64  # a results file made with another student
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="is not the one"):
+        run_study(cfg, log=lambda m: None)
+
+
+def test_docs_blocks_are_printed_from_the_results_files():
+    """Every generated block of docs/study.md and README.md equals what the report code
+    prints from docs/study_results.json (and the first design's file): no figure retyped."""
+    generated = blocks(*(str(ROOT / "docs" / f) for f in (
+        "study_results.json", "study_v1_results.json", "demo_results.json")))
+    found = 0
+    for page in ("docs/study.md", "README.md"):
+        text = (ROOT / page).read_text()
+        for name, body in re.findall(r"<!-- study:(\w+) -->\n(.*?)\n<!-- /study:\1 -->", text,
+                                     re.S):
+            assert body == generated[name], f"{page}: block {name} is stale: run " \
+                "`python -m atkd_cache.study_report docs/study_results.json --docs`"
+            found += 1
+    assert found >= 3
+
+
+def test_v1_figures_the_recomputation_corrected():
+    """The first design's figures the issue's recomputation found misprinted, now printed
+    by code: SFT NLL 4.723, KD hard-token KL 1.251, atkd-rkl ROUGE-L interval excluding 0."""
+    v1 = blocks(str(ROOT / "docs" / "study_results.json"),
+                str(ROOT / "docs" / "study_v1_results.json"))["v1"]
+    assert "| sft | 5e-05 | 4.723 ± 0.002" in v1
+    assert "1.251 ± 0.002 |" in v1.split("| kd |")[1].split("\n")[0]
+    row = v1.split("| atkd-rkl |")[-1].split("\n")[0].split(" | ")
+    rouge = [float(x) for x in re.findall(r"[+-]\d\.\d+", row[3])]
+    assert rouge[2] < 0  # its interval's upper end is below 0
+    assert math.isclose(rouge[0], -0.021, abs_tol=1e-3)

@@ -228,29 +228,45 @@ def generate_replies(
 
 @torch.no_grad()
 def reply_logprobs(
-    model, prompts: list[list[int]], replies: list[list[int]], device: str = "cpu"
+    model, prompts: list[list[int]], replies: list[list[int]], device: str = "cpu",
+    batch_size: int = 16,
 ) -> list[float]:
     """Per reply, the model's mean log-prob per token of the reply given its prompt
-    (teacher-forced, float32 log_softmax); NaN for an empty reply."""
-    out = []
-    for prompt, reply in zip(prompts, replies, strict=True):
-        if not reply:
-            out.append(float("nan"))
-            continue
-        ids = torch.tensor([prompt + reply], device=device)
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-        lp = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None])[:, 0]
-        out.append(float(lp.mean()))
+    (teacher-forced, float32 log_softmax); NaN for an empty reply. Batched: prompt + reply
+    right-padded under an attention mask (a causal model's earlier positions never see the
+    padding), batches of similar length."""
+    out = [float("nan")] * len(prompts)
+    todo = sorted((i for i, r in enumerate(replies) if r),
+                  key=lambda i: len(prompts[i]) + len(replies[i]))
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        seqs = [prompts[i] + replies[i] for i in idx]
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, i in enumerate(idx):
+            p, n = len(prompts[i]), len(replies[i])
+            lp = torch.log_softmax(logits[row, p - 1 : p - 1 + n].float(), -1)
+            target = ids[row, p : p + n].to(lp.device)
+            out[i] = float(lp.gather(1, target[:, None]).mean())
     return out
+
+
+def rouge_l_scores(replies: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 of each reply against its reference (rouge-score, Porter stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(
+        replies, references, strict=True)]
 
 
 def rouge_l(replies: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F1 (rouge-score, Porter stemming)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(
-        replies, references, strict=True)]
+    scores = rouge_l_scores(replies, references)
     return float(np.mean(scores)) if scores else float("nan")
 
 

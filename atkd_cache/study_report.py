@@ -1,0 +1,423 @@
+"""The study's report, printed from its results file by code (never retyped): the headroom
+gate, ATKD − KD paired per prompt and seed (atkd_cache/stats.py), the power the run
+achieved, the verdict in the registered words, tables with the teacher (ceiling) and the
+starting student (floor), an example prompt, a plot; and the first design's tables.
+
+    python -m atkd_cache.study_report docs/study_results.json [--docs]
+
+`--docs` rewrites the generated blocks of docs/study.md and README.md (between
+`<!-- study:NAME -->` and `<!-- /study:NAME -->`); tests/test_study.py checks they match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from atkd_cache.stats import Paired, paired_bootstrap, seed_interval, verdict
+
+# per-prompt metrics (higher is better for all three)
+PROMPT_METRICS = {"rouge_teacher": "ROUGE-L vs teacher", "teacher_logprob": "teacher log-prob",
+                  "rouge_human": "ROUGE-L vs human"}
+# per-run metrics on a test cache: (cache, metric) -> (label, higher is better)
+CACHE_METRICS = {("teacher", "kl_to_teacher"): ("KL", False),
+                 ("teacher", "kl_easy"): ("KL easy", False),
+                 ("teacher", "kl_hard"): ("KL hard", False),
+                 ("teacher", "nll"): ("NLL", False),
+                 ("teacher", "top1_agreement"): ("top-1 agr.", True),
+                 ("teacher", "ece"): ("ECE", False),
+                 ("human", "nll"): ("human NLL", False)}
+PRIMARY = "rouge_teacher"
+
+
+def _seeds(doc: dict, setting: str) -> list[int]:
+    return doc["config"]["seeds" if setting == "teacher" else "human_seeds"]
+
+
+def _runs(doc: dict, setting: str, arm: str) -> dict[int, dict]:
+    """seed -> test scores of the arm's runs at its chosen lr (the finished ones)."""
+    lr = doc.get("best_lr", {}).get(arm)
+    out = {}
+    for seed in _seeds(doc, setting):
+        run = doc["runs"].get(f"{setting}/{arm}/lr{lr:g}/seed{seed}") if lr else None
+        if run and "test" in run:
+            out[seed] = run["test"]
+    return out
+
+
+def run_value(scores: dict, metric) -> float:
+    """One run's value of a metric: the mean over prompts, or the cache metric."""
+    if isinstance(metric, tuple):
+        return float(scores[metric[0]][metric[1]])
+    return float(np.nanmean(scores["per_prompt"][metric]))
+
+
+def summarize(doc: dict) -> dict:
+    """Per setting: each arm's mean ± std over seeds of every metric, each arm − KD paired
+    (per-prompt metrics: seeds x prompts bootstrap; cache metrics: seeds only), the floor
+    and ceiling rows; the headroom gate and the primary verdict."""
+    cfg = doc["config"]
+    out = {"settings": {}}
+    for setting in cfg["settings"]:
+        table, paired = {}, {}
+        runs = {arm: _runs(doc, setting, arm) for arm in cfg["arms"]}
+        for arm, by_seed in runs.items():
+            if by_seed:
+                table[arm] = {_name(m): _mean_std([run_value(s, m) for s in by_seed.values()])
+                              for m in (*PROMPT_METRICS, *CACHE_METRICS)}
+        for arm, by_seed in runs.items():
+            common = sorted(set(by_seed) & set(runs.get("kd", {})))
+            if arm == "kd" or not common:
+                continue
+            paired[arm] = {}
+            for m in (*PROMPT_METRICS, *CACHE_METRICS):
+                if isinstance(m, tuple):  # one number per seed: a t interval over seeds
+                    p = seed_interval([run_value(by_seed[s], m) - run_value(runs["kd"][s], m)
+                                       for s in common])
+                else:
+                    p = paired_bootstrap([np.subtract(by_seed[s]["per_prompt"][m],
+                                                      runs["kd"][s]["per_prompt"][m])
+                                          for s in common])
+                paired[arm][_name(m)] = p.to_json()
+        out["settings"][setting] = {"table": table, "paired_vs_kd": paired}
+    start, teacher = doc["student"].get("test"), doc["teacher"].get("test")
+    if start:
+        out["floor"] = {_name(m): run_value(start, m) for m in (*PROMPT_METRICS, *CACHE_METRICS)}
+    if teacher:
+        out["ceiling"] = {**{m: float(np.nanmean(teacher["per_prompt"][m]))
+                             for m in PROMPT_METRICS},
+                          **{_name(m): float(teacher[m[0]][m[1]]) for m in CACHE_METRICS}}
+    main = out["settings"].get("teacher", {})
+    kd = main.get("table", {}).get("kd")
+    if start and kd:
+        cut = out["floor"]["teacher.kl_to_teacher"] - kd["teacher.kl_to_teacher"][0]
+        out["headroom"] = {"kd_kl_cut": cut, "needed": cfg["headroom_kl"],
+                           "passed": cut >= cfg["headroom_kl"]}
+    effect = main.get("paired_vs_kd", {}).get("atkd", {}).get(PRIMARY)
+    if effect:
+        out["primary"] = {"effect": effect, "smallest": cfg["smallest_effect"],
+                          "verdict": primary_verdict(out, Paired(**effect), cfg)}
+    return out
+
+
+def primary_verdict(summary: dict, effect: Paired, cfg: dict) -> str:
+    """The registered wording, refused a direction when the gate failed."""
+    gate = summary.get("headroom", {})
+    words = verdict(effect, cfg["smallest_effect"], "ATKD better than KD",
+                    "ATKD worse than KD")
+    if gate and not gate["passed"]:
+        return (f"no headroom: KD cut the test KL by only {gate['kd_kl_cut']:.3f} nats "
+                f"(< {gate['needed']:g}), so this run cannot test the claim; {words}")
+    if effect.seeds < 2:
+        return f"1 seed: no verdict (the registered design needs ≥ 5); {words}"
+    return words
+
+
+def _name(metric) -> str:
+    return ".".join(metric) if isinstance(metric, tuple) else metric
+
+
+def _label(name: str) -> str:
+    if name in PROMPT_METRICS:
+        return PROMPT_METRICS[name]
+    return CACHE_METRICS[tuple(name.split("."))][0]
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    mean = float(np.mean(values))
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    return [mean, std, len(values)]
+
+
+def _cell(ms: list[float]) -> str:
+    if ms[2] < 2:
+        return f"{ms[0]:.4f}"
+    return f"{ms[0]:.4f} ± {ms[1]:.4f}"
+
+
+def _interval(p: dict) -> str:
+    if p["seeds"] < 2 and p["prompts"] < 2:
+        return f"{p['mean']:+.4f} (1 seed: no interval)"
+    if p["high"] == p["low"]:
+        return f"{p['mean']:+.4f} (every pair equal: no interval)"
+    return f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
+
+
+def headline(doc: dict, summary: dict) -> str:
+    """The gate, the primary result with its power, and the verdict: a few lines."""
+    lines = []
+    gate = summary.get("headroom")
+    if gate:
+        lines.append(f"Headroom gate: KD cut the test KL to the teacher by "
+                     f"{gate['kd_kl_cut']:.3f} nats from the start (needed ≥ {gate['needed']:g}): "
+                     + ("passed." if gate["passed"] else "FAILED — no headroom."))
+    p = summary.get("primary")
+    if p:
+        e = p["effect"]
+        lines.append(f"Primary (registered): ATKD − KD in ROUGE-L of greedy replies vs the "
+                     f"teacher's, {e['seeds']} seed(s) x {e['prompts']} test prompts: "
+                     f"{_interval(e)}; smallest effect worth detecting {p['smallest']:g}; "
+                     f"minimum detectable effect achieved {e['mde']:.4f} (80 % power).")
+        lines.append(f"Verdict: {p['verdict']}.")
+    if not doc.get("complete"):
+        done = sum("test" in r for r in doc["runs"].values())
+        lines.append(f"(Incomplete: {done} runs scored on test so far; the study resumes "
+                     f"from this file.)")
+    return "\n".join(lines) if lines else "(no runs scored yet)"
+
+
+def tables(doc: dict, summary: dict) -> str:
+    """Per setting: floor, ceiling and every arm on every metric; arm − KD paired."""
+    names = [*PROMPT_METRICS, *(_name(m) for m in CACHE_METRICS)]
+    out = []
+    for setting, s in summary["settings"].items():
+        if not s["table"]:
+            continue
+        seeds = max(int(r[names[0]][2]) for r in s["table"].values())
+        title = ("teacher-written responses (main)" if setting == "teacher"
+                 else "human responses (second setting)")
+        out += [f"**Trained on {title}**, test split, {seeds} seed(s) (mean ± std over seeds):",
+                "", "| arm | lr | " + " | ".join(_label(n) for n in names) + " |",
+                "|---|---|" + "---|" * len(names)]
+        if "floor" in summary:
+            out.append("| start (healed student) | – | " + " | ".join(
+                f"{summary['floor'][n]:.4f}" for n in names) + " |")
+        for arm, row in s["table"].items():
+            out.append(f"| {arm} | {doc['best_lr'][arm]:g} | "
+                       + " | ".join(_cell(row[n]) for n in names) + " |")
+        if "ceiling" in summary:
+            c = summary["ceiling"]
+            out.append("| teacher (ceiling) | – | " + " | ".join(
+                f"{c[n]:.4f}" for n in names) + " |")
+        if s["paired_vs_kd"]:
+            out += ["", "Arm − KD, paired on the same seed (and prompt); mean [95 % interval]: "
+                    "the per-prompt metrics by a bootstrap over seeds and prompts, the cache "
+                    "metrics by a t interval over seeds:", "",
+                    "| arm − KD | " + " | ".join(_label(n) for n in names) + " |",
+                    "|---|" + "---|" * len(names)]
+            for arm, row in s["paired_vs_kd"].items():
+                out.append(f"| {arm} | " + " | ".join(_interval(row[n]) for n in names) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def example(doc: dict) -> str:
+    """The first test prompt (not chosen) with the teacher's, the start's, each arm's seed-0
+    reply and the human reply."""
+    t = doc["teacher"].get("test")
+    if not t:
+        return ""
+    cfg = doc["config"]
+    lines = ["Test prompt 1 (the first, not chosen), its last turns:", "", "```text",
+             _tail(t["prompts"][0]), "```", "",
+             "| who | reply |", "|---|---|",
+             f"| human (the data) | {_md(t['human_examples'][0])} |",
+             f"| teacher | {_md(t['examples'][0])} |"]
+    if doc["student"].get("test"):
+        lines.append(f"| start | {_md(doc['student']['test']['examples'][0])} |")
+    for arm in cfg["arms"]:
+        runs = _runs(doc, "teacher", arm)
+        if cfg["seeds"][0] in runs:
+            lines.append(f"| {arm} | {_md(runs[cfg['seeds'][0]]['examples'][0])} |")
+    return "\n".join(lines)
+
+
+def _tail(prompt: str, keep: int = 3) -> str:
+    turns = prompt.split("<|im_start|>")
+    return "<|im_start|>".join([""] + turns[-keep:]).strip() if len(turns) > keep else prompt
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " / ") or "(empty)"
+
+
+def grid_table(doc: dict) -> str:
+    """Validation ROUGE-L vs the teacher of every arm x lr (seed 0), and the choice."""
+    cfg = doc["config"]
+    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in cfg["lrs"]) + " | chosen |",
+             "|---|" + "---|" * (len(cfg["lrs"]) + 1)]
+    for arm in cfg["arms"]:
+        cells = []
+        for lr in cfg["lrs"]:
+            run = doc["runs"].get(f"teacher/{arm}/lr{lr:g}/seed{cfg['seeds'][0]}", {})
+            cells.append(f"{np.mean(run['val']['per_prompt'][PRIMARY]):.4f}" if "val" in run
+                         else "–")
+        chosen = doc.get("best_lr", {}).get(arm)
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {chosen:g} |" if chosen else
+                     f"| {arm} | " + " | ".join(cells) + " | – |")
+    start = doc["student"].get("val")
+    if start:
+        lines.append(f"\nThe start (healed student) on validation: ROUGE-L vs teacher "
+                     f"{np.mean(start['per_prompt'][PRIMARY]):.4f}, KL to the teacher "
+                     f"{start['teacher']['kl_to_teacher']:.4f}.")
+    return "\n".join(lines)
+
+
+def wall_times(doc: dict) -> str:
+    """Seconds per stage as the results file records them."""
+    names = {"1": "teacher", "2": "data", "3": "caches", "4": "student (healing + floor and "
+             "ceiling scores)", "5": "grid", "6": "seeds", "7": "human setting", "8": "report"}
+    st = doc.get("stages", {})
+    lines = ["| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} {names.get(k, '')} | {v:,.0f} |" for k, v in sorted(st.items())]
+    total = sum(st.values())
+    lines.append(f"| **total** | **{total:,.0f}** ({total / 3600:.2f} h) |")
+    return "\n".join(lines)
+
+
+def format_report(doc: dict) -> str:
+    """The whole report as Markdown."""
+    summary = summarize(doc)
+    parts = [headline(doc, summary), tables(doc, summary), example(doc),
+             "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):\n\n"
+             + grid_table(doc) if doc.get("best_lr") else "", wall_times(doc)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def plot(doc: dict, output: str) -> str | None:
+    """Arm − KD on every metric (main setting) with 95 % intervals, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paired = summarize(doc)["settings"].get("teacher", {}).get("paired_vs_kd", {})
+    if not paired:
+        return None
+    names = list(next(iter(paired.values())))
+    fig, axes = plt.subplots(2, math.ceil(len(names) / 2), figsize=(18, 6))
+    for ax, name in zip(axes.flat, names, strict=False):
+        arms = list(paired)
+        mean = [paired[a][name]["mean"] for a in arms]
+        err = [[m - paired[a][name]["low"] for a, m in zip(arms, mean, strict=True)],
+               [paired[a][name]["high"] - m for a, m in zip(arms, mean, strict=True)]]
+        ax.errorbar(mean, range(len(arms)), xerr=err, fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        if name == PRIMARY:
+            s = doc["config"]["smallest_effect"]
+            ax.axvspan(-s, s, color="green", alpha=0.1, label="± smallest effect")
+            ax.legend(fontsize=7)
+        ax.set_yticks(range(len(arms)), arms, fontsize=8)
+        ax.set_title(f"{_label(name)}: arm − KD", fontsize=9)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def write_report(doc: dict, workdir: str) -> str:
+    """study.md and study.png in the study's folder; returns the Markdown."""
+    text = format_report(doc)
+    with open(os.path.join(workdir, "study.md"), "w") as f:
+        f.write(text + "\n")
+    plot(doc, os.path.join(workdir, "study.png"))
+    return text
+
+
+# ------------------------------------------------------------------- the first design
+
+V1_METRICS = ("nll", "top1_agreement", "ece", "rouge_l", "nll_easy", "nll_hard", "kl_easy",
+              "kl_hard")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, by degrees of freedom
+
+
+def v1_tables(doc: dict) -> str:
+    """The first design's test table (mean ± std over seeds) and arm − KD with 95 % t
+    intervals over seeds, from study_v1_results.json."""
+    cfg, best = doc["config"], doc["summary"]["best_lr"]
+    per = {a: [doc["runs"][f"{a}/lr{best[a]:g}/seed{s}"]["test"] for s in cfg["seeds"]]
+           for a in cfg["arms"]}
+    head = "| " + " | ".join(V1_METRICS) + " |"
+    lines = ["| arm | lr " + head, "|---|---|" + "---|" * len(V1_METRICS)]
+    for arm, runs in per.items():
+        cells = [f"{np.mean([r[m] for r in runs]):.3f} ± {np.std([r[m] for r in runs], ddof=1):.3f}"
+                 for m in V1_METRICS]
+        lines.append(f"| {arm} | {best[arm]:g} | " + " | ".join(cells) + " |")
+    lines += ["", f"Arm − KD on the same seed, mean [95 % t interval over {len(cfg['seeds'])} "
+              "seeds]:", "", "| arm − KD " + head, "|---|" + "---|" * len(V1_METRICS)]
+    t = T_975[len(cfg["seeds"]) - 1]
+    for arm, runs in per.items():
+        if arm == "kd":
+            continue
+        cells = []
+        for m in V1_METRICS:
+            d = np.array([a[m] - k[m] for a, k in zip(runs, per["kd"], strict=True)])
+            half = t * d.std(ddof=1) / math.sqrt(len(d))
+            cells.append(f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def v1_movement(doc: dict) -> str:
+    """How far the first design's task stage moved the student, beside ATKD − KD."""
+    best = doc["summary"]["best_lr"]
+    start = doc["student"]["test"]["healed"]
+    kd = [doc["runs"][f"kd/lr{best['kd']:g}/seed{s}"]["test"] for s in doc["config"]["seeds"]]
+    at = [doc["runs"][f"atkd/lr{best['atkd']:g}/seed{s}"]["test"] for s in doc["config"]["seeds"]]
+
+    def mean(runs, m):
+        return float(np.mean([r[m] for r in runs]))
+
+    return (f"KD moved the start's test NLL by {mean(kd, 'nll') - start['nll']:+.3f} and its "
+            f"KL to the teacher by {mean(kd, 'kl_to_teacher') - start['kl_to_teacher']:+.3f} "
+            f"nats; ATKD − KD was {mean(at, 'nll') - mean(kd, 'nll'):+.3f} on NLL and "
+            f"{mean(at, 'kl_to_teacher') - mean(kd, 'kl_to_teacher'):+.3f} on KL.")
+
+
+# ----------------------------------------------------------------------------- docs
+
+def blocks(results: str, results_v1: str | None = None,
+           demo: str | None = None) -> dict[str, str]:
+    """The generated blocks of docs/study.md and README.md, by name."""
+    with open(results) as f:
+        doc = json.load(f)
+    summary = summarize(doc)
+    out = {"headline": headline(doc, summary), "report": format_report(doc)}
+    if results_v1 and os.path.exists(results_v1):
+        with open(results_v1) as f:
+            v1 = json.load(f)
+        out["v1"] = v1_movement(v1) + "\n\n" + v1_tables(v1)
+    if demo and os.path.exists(demo):
+        with open(demo) as f:
+            out["demo"] = format_report(json.load(f))
+    return out
+
+
+def fill(text: str, generated: dict[str, str]) -> str:
+    """Replace each `<!-- study:NAME -->...<!-- /study:NAME -->` block of text."""
+    for name, body in generated.items():
+        text = re.sub(rf"(<!-- study:{name} -->\n)(?:.*?\n)?(<!-- /study:{name} -->)",
+                      lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text, flags=re.S)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the report of a results file; --docs also rewrites the docs' blocks."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results")
+    ap.add_argument("--v1", default="docs/study_v1_results.json")
+    ap.add_argument("--demo", default="docs/demo_results.json")
+    ap.add_argument("--docs", action="store_true",
+                    help="rewrite the generated blocks of docs/study.md and README.md")
+    args = ap.parse_args(argv)
+    generated = blocks(args.results, args.v1, args.demo)
+    print(generated["report"])
+    if args.docs:
+        for path in ("docs/study.md", "README.md"):
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(fill(text, generated))
+        with open(args.results) as f:
+            plot(json.load(f), "docs/study.png")
+
+
+if __name__ == "__main__":
+    main()
