@@ -114,7 +114,7 @@ DEMO = {"layers": "4", "heal_chats": 300, "train_prompts": 96, "human_chats": 0,
 SMOKE = {"layers": "2", "heal_chats": 24, "train_prompts": 12, "responses": 1,
          "human_chats": 12, "val_prompts": 4, "test_prompts": 6, "prompt_tokens": 64,
          "max_new_tokens": 8, "batch_tokens": 512, "heal_batch_tokens": 512, "lrs": [3e-4],
-         "seeds": [0, 1], "human_seeds": [0], "top_k": 8}
+         "seeds": [0, 1], "human_seeds": [0], "top_k": 8, "arms": ["kd", "atkd"]}
 
 
 def run_key(setting: str, arm: str, lr: float, seed: int) -> str:
@@ -539,13 +539,13 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
              f"{cfg.seeds[0]}, validation)")
     best = grid(st)
     stage(6, f"seeds: every arm at its chosen lr x seeds {cfg.seeds} (test)")
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
+    for seed in cfg.seeds:  # seed by seed: a stopped study still has whole paired seeds
+        for arm in cfg.arms:
             st.run("teacher", arm, best[arm], seed, "test")
     stage(7, f"human setting: every arm x seeds {cfg.human_seeds} at the same lrs (test)")
     if "human" in cfg.settings:
-        for arm in cfg.arms:
-            for seed in cfg.human_seeds:
+        for seed in cfg.human_seeds:
+            for arm in cfg.arms:
                 st.run("human", arm, best[arm], seed, "test")
     stage(8, "report")
     results.doc["complete"] = True
