@@ -384,9 +384,12 @@ def blocks(results: str, results_v1: str | None = None,
         with open(results_v1) as f:
             v1 = json.load(f)
         out["v1"] = v1_movement(v1) + "\n\n" + v1_tables(v1)
-    if demo and os.path.exists(demo):
-        with open(demo) as f:
-            out["demo"] = format_report(json.load(f))
+    if demo:
+        if os.path.exists(demo):
+            with open(demo) as f:
+                out["demo"] = format_report(json.load(f))
+        else:
+            out["demo"] = f"(no {demo} yet: run scripts/demo, then copy its runs/demo/results.json)"
     return out
 
 
