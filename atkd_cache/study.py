@@ -98,6 +98,7 @@ class StudyConfig:
     epochs: int = 1
     batch_tokens: int = 1024
     lrs: list[float] = field(default_factory=lambda: [5e-5, 1.5e-4, 4.5e-4])
+    grid_extend: int = 2  # times the grid may grow past an edge that won (for every arm)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     human_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: ["sft", "kd", "atkd"])
@@ -114,7 +115,8 @@ DEMO = {"layers": "4", "heal_chats": 300, "train_prompts": 96, "human_chats": 0,
 SMOKE = {"layers": "2", "heal_chats": 24, "train_prompts": 12, "responses": 1,
          "human_chats": 12, "val_prompts": 4, "test_prompts": 6, "prompt_tokens": 64,
          "max_new_tokens": 8, "batch_tokens": 512, "heal_batch_tokens": 512, "lrs": [3e-4],
-         "seeds": [0, 1], "human_seeds": [0], "top_k": 8, "arms": ["kd", "atkd"]}
+         "seeds": [0, 1], "human_seeds": [0], "top_k": 8, "arms": ["kd", "atkd"],
+         "grid_extend": 0}
 
 
 def run_key(setting: str, arm: str, lr: float, seed: int) -> str:
@@ -471,15 +473,28 @@ def baselines(st: Stage) -> None:
 
 def grid(st: Stage) -> dict[str, float]:
     """Every arm at every lr (seed 0, main setting), chosen by mean validation ROUGE-L
-    against the teacher's replies (the primary metric; ties go to the earlier lr)."""
-    cfg, best = st.cfg, {}
-    for arm in cfg.arms:
-        scores = []
-        for lr in cfg.lrs:
-            run = st.run("teacher", arm, lr, cfg.seeds[0], "val")
-            scores.append(float(np.mean(run["val"]["per_prompt"]["rouge_teacher"])))
-        best[arm] = cfg.lrs[int(np.argmax(scores))]
+    against the teacher's replies (the primary metric; ties go to the earlier lr). When an
+    edge of the grid wins for any arm, the grid grows one step (x3) past that edge for every
+    arm, at most `grid_extend` times: a rate at the edge may not be the arm's best."""
+    cfg = st.cfg
+    lrs = list(cfg.lrs)
+
+    def val(arm: str, lr: float) -> float:
+        run = st.run("teacher", arm, lr, cfg.seeds[0], "val")
+        return float(np.mean(run["val"]["per_prompt"]["rouge_teacher"]))
+
+    for extension in range(cfg.grid_extend + 1):
+        best = {arm: lrs[int(np.argmax([val(arm, lr) for lr in lrs]))] for arm in cfg.arms}
+        top, bottom = lrs[-1] in best.values(), lrs[0] in best.values()
+        if extension == cfg.grid_extend or not (top or bottom):
+            break
+        if top:
+            lrs.append(float(f"{lrs[-1] * 3:.3g}"))
+        if bottom:
+            lrs.insert(0, float(f"{lrs[0] / 3:.3g}"))
+        st.log(f"  an edge of the grid won: every arm also tries {lrs}")
     st.results.doc["best_lr"] = best
+    st.results.doc["lrs_searched"] = lrs
     st.results.save()
     return best
 

@@ -239,11 +239,12 @@ def _md(text: str) -> str:
 def grid_table(doc: dict) -> str:
     """Validation ROUGE-L vs the teacher of every arm x lr (seed 0), and the choice."""
     cfg = doc["config"]
-    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in cfg["lrs"]) + " | chosen |",
-             "|---|" + "---|" * (len(cfg["lrs"]) + 1)]
+    lrs = doc.get("lrs_searched", cfg["lrs"])
+    lines = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+             "|---|" + "---|" * (len(lrs) + 1)]
     for arm in cfg["arms"]:
         cells = []
-        for lr in cfg["lrs"]:
+        for lr in lrs:
             run = doc["runs"].get(f"teacher/{arm}/lr{lr:g}/seed{cfg['seeds'][0]}", {})
             cells.append(f"{np.mean(run['val']['per_prompt'][PRIMARY]):.4f}" if "val" in run
                          else "–")
