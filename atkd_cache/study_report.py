@@ -21,9 +21,9 @@ import numpy as np
 
 from atkd_cache.stats import Paired, paired_bootstrap, seed_interval, verdict
 
-# per-prompt metrics (higher is better for all three)
+# per-prompt metrics (higher is better for the first three; reply length is descriptive)
 PROMPT_METRICS = {"rouge_teacher": "ROUGE-L vs teacher", "teacher_logprob": "teacher log-prob",
-                  "rouge_human": "ROUGE-L vs human"}
+                  "rouge_human": "ROUGE-L vs human", "reply_tokens": "reply tokens"}
 # per-run metrics on a test cache: (cache, metric) -> (label, higher is better)
 CACHE_METRICS = {("teacher", "kl_to_teacher"): ("KL", False),
                  ("teacher", "kl_easy"): ("KL easy", False),
