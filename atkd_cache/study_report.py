@@ -390,7 +390,8 @@ def blocks(results: str, results_v1: str | None = None,
             with open(demo) as f:
                 out["demo"] = format_report(json.load(f))
         else:
-            out["demo"] = f"(no {demo} yet: run scripts/demo, then copy its runs/demo/results.json)"
+            out["demo"] = (f"(no docs/{os.path.basename(demo)} yet: run scripts/demo, then "
+                           f"copy its runs/demo/results.json there)")
     return out
 
 
