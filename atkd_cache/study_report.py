@@ -137,6 +137,8 @@ def _mean_std(values: list[float]) -> list[float]:
 def _cell(ms: list[float]) -> str:
     if ms[2] < 2:
         return f"{ms[0]:.4f}"
+    if ms[1] == 0:  # (e.g. every reply ran to the token limit on every seed)
+        return f"{ms[0]:.4f} (no spread)"
     return f"{ms[0]:.4f} ± {ms[1]:.4f}"
 
 
