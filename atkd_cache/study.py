@@ -447,8 +447,8 @@ class Stage:
 def baselines(st: Stage) -> None:
     """The floor and the ceiling: the healed student before the task, and the teacher."""
     student = st.results.doc["student"]
+    model = _load(st.student)
     if "test" not in student:
-        model = _load(st.student)
         student["val"] = score(model, st.tokenizer, st.cfg, st.evals["val"],
                                {"teacher": st.caches["val-teacher"]})
         student["test"] = score(model, st.tokenizer, st.cfg, st.evals["test"],
@@ -465,7 +465,7 @@ def baselines(st: Stage) -> None:
                            "teacher_logprob": [round(float(v), 6) for v in own],
                            "reply_tokens": [len(r) for r in ev.teacher_ids]},
             # (the teacher's own numbers come from the caches, whatever model reads them)
-            **{name: cache_metrics(_load(st.student), path, batch_tokens=4096)["teacher"]
+            **{name: cache_metrics(model, path, batch_tokens=4096)["teacher"]
                for name, path in st.test_caches().items()},
             "examples": ev.teacher_text[:EXAMPLES], "human_examples": ev.human_text[:EXAMPLES],
             "prompts": [st.tokenizer.decode(p) for p in ev.prompts[:EXAMPLES]],

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from atkd_cache.stats import Paired, paired_bootstrap, seed_interval, verdict
+from atkd_cache.stats import T_975, Paired, paired_bootstrap, seed_interval, verdict
 
 # per-prompt metrics (higher is better for the first three; reply length is descriptive)
 PROMPT_METRICS = {"rouge_teacher": "ROUGE-L vs teacher", "teacher_logprob": "teacher log-prob",
@@ -328,7 +328,6 @@ def write_report(doc: dict, workdir: str) -> str:
 
 V1_METRICS = ("nll", "top1_agreement", "ece", "rouge_l", "nll_easy", "nll_hard", "kl_easy",
               "kl_hard")
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, by degrees of freedom
 
 
 def v1_tables(doc: dict) -> str:
