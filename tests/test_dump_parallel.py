@@ -94,3 +94,46 @@ def test_other_world_size_finishes_a_partial_cache(assets, tmp_path):
     assert len(open_cache(out).shard_rows) == 0  # shard 0 is not there yet: nothing listed
     run(CLI + args(assets, data, out))  # one process does what is left
     assert_same_cache(out, single)
+
+
+# The other rank: replace its part manifest, atomically, with one of two versions, until told.
+REPLACER = """
+import os, sys
+part, stop, *versions = sys.argv[1:]
+i = 0
+while not os.path.exists(stop):
+    tmp = part + ".next"
+    with open(tmp, "wb") as f:
+        f.write(open(versions[i % 2], "rb").read())
+    os.replace(tmp, part)
+    i += 1
+"""
+
+
+def test_a_part_manifest_replaced_while_read_is_read_whole(assets, tmp_path):
+    """Rank 0 merges the manifest while rank 1 renames a new part manifest into place: the
+    read sees the old file or the new one, never the old footer with the new pages (CI saw
+    "parts/rank-00001-of-00002.parquet is unreadable" from exactly that)."""
+    from conftest import dump
+
+    from atkd_cache.cache.writer import CacheWriter
+
+    dump(assets, tmp_path / "src", limit=16, shard_positions=300)
+    src = open_cache(tmp_path / "src")
+    rows = pq.read_table(tmp_path / "src" / "manifest.parquet")
+    assert rows.num_rows == 2
+    versions = [tmp_path / "one.parquet", tmp_path / "two.parquet"]
+    pq.write_table(rows.slice(0, 1), versions[0])
+    pq.write_table(rows, versions[1])
+    stop = tmp_path / "stop"
+    with CacheWriter(tmp_path / "c", src.card, rank=0, world_size=2) as writer:
+        part = tmp_path / "c" / "parts" / "rank-00001-of-00002.parquet"
+        pq.write_table(rows.slice(0, 1), part)
+        other = subprocess.Popen([sys.executable, "-c", REPLACER, str(part), str(stop),
+                                  *map(str, versions)])
+        try:
+            seen = {len(writer._all_rows()) for _ in range(1500)}
+        finally:
+            stop.touch()
+            other.wait(timeout=30)
+    assert seen <= {1, 2} and other.returncode == 0

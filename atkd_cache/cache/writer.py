@@ -200,10 +200,11 @@ class CacheWriter:
     def _read_parquet(self, *parts: str) -> list[dict]:
         where = "/".join(parts)
         try:
-            if self.remote:  # one GET: another rank may replace the object between the
-                # ranged reads of fs.open (s3fs then fails on the changed ETag)
-                return pq.read_table(io.BytesIO(self._read_bytes(*parts))).to_pylist()
-            return pq.read_table(self.root.joinpath(*parts)).to_pylist()
+            # One read of the whole file, then parse: another rank may replace it meanwhile.
+            # pq.read_table(path) opens the file twice (footer, then pages), so a rename
+            # in between pairs the old footer with the new pages; on an object store the
+            # ranged reads of fs.open fail on the changed ETag.
+            return pq.read_table(io.BytesIO(self._read_bytes(*parts))).to_pylist()
         except (pa.ArrowException, OSError, ValueError) as e:
             raise UserError(f"{self.url}: {where} is unreadable ({first_line(e)}): delete it "
                             f"to re-compute the shards it lists") from None
