@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from atkd_cache import tiny
 from atkd_cache.cache import open_cache
 from atkd_cache.cache.inspect import verify_cache
+from atkd_cache.cache.writer import CacheWriter
 
 CLI = [sys.executable, "-m", "atkd_cache.cli.main"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -115,8 +116,6 @@ def test_a_part_manifest_replaced_while_read_is_read_whole(assets, tmp_path):
     read sees the old file or the new one, never the old footer with the new pages (CI saw
     "parts/rank-00001-of-00002.parquet is unreadable" from exactly that)."""
     from conftest import dump
-
-    from atkd_cache.cache.writer import CacheWriter
 
     dump(assets, tmp_path / "src", limit=16, shard_positions=300)
     src = open_cache(tmp_path / "src")
