@@ -22,18 +22,18 @@ Every arm: the same student, caches, data order per seed, steps and lr grid; Ada
 to 0 with 3 % warm-up, T = 1; ATKD alpha 0.2 over forward KL, no CE, the easy/hard split at
 the per-sequence median of 1 - p_T(target) (the paper's official code, WHU-ZQH/ATKD).
 
-    python -m atkd_cache.study [--workdir runs/study] [--results FILE] [--demo | --smoke] ...
+    atkd-cache study [--workdir runs/study] [--results FILE] [--demo | --smoke] ...
+
+The design itself (sizes, arms, presets) is atkd_cache/study_config.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -43,7 +43,9 @@ from atkd_cache.cache.inspect import verify_cache
 from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.dump import DumpConfig, dump_teacher
 from atkd_cache.errors import UserError
+from atkd_cache.fingerprint import weights_hash
 from atkd_cache.losses.kd import LossConfig
+from atkd_cache.study_config import ARMS, EXAMPLES, SETTINGS, StudyConfig
 from atkd_cache.train.evaluate import (
     cache_metrics,
     decode_replies,
@@ -54,71 +56,6 @@ from atkd_cache.train.evaluate import (
 from atkd_cache.train.loader import LoaderConfig
 from atkd_cache.train.student import init_student
 from atkd_cache.train.trainer import TrainConfig, train
-
-# The paper's ATKD (alpha 0.2, no CE, the cache's per-sequence median split) and its
-# baselines; the first design's ablations stay available behind --arms.
-ATKD = {"loss": "atkd", "base": "fkl", "alpha": 0.2, "split": "cache"}
-ARMS: dict[str, dict] = {
-    "sft": {"loss": "ce"},
-    "kd": {"loss": "kd", "base": "fkl"},
-    "atkd": ATKD,
-    "atkd+ce": {**ATKD, "ce_weight": 1.0},
-    "rkl": {"loss": "kd", "base": "rkl"},
-    "atkd-rkl": {**ATKD, "base": "rkl"},
-    "atkd-alpha0.5": {**ATKD, "alpha": 0.5},
-    "atkd-hard0.3": {**ATKD, "split": "sequence", "hard_ratio": 0.3},
-    "atkd-hard0.7": {**ATKD, "split": "sequence", "hard_ratio": 0.7},
-    "atkd-split-batch": {**ATKD, "split": "batch", "hard_ratio": 0.5},
-}
-SETTINGS = ("teacher", "human")  # who wrote the training responses
-EXAMPLES = 3  # replies kept per run for the report's example (the first test prompts)
-
-
-@dataclass
-class StudyConfig:
-    """Sizes of the study; the defaults are the registered design (docs/study.md)."""
-
-    workdir: str = "runs/study"
-    results: str = ""  # the results file; "" = <workdir>/results.json
-    layers: str = "6"
-    heal_chats: int = 1200
-    heal_verses: int = 4  # consecutive verses per healing chat: user, assistant, user, ...
-    heal_lr: float = 1e-3
-    heal_batch_tokens: int = 2048
-    max_messages: int = 4
-    prompt_tokens: int = 112  # longer prompts are left out
-    max_new_tokens: int = 48
-    train_prompts: int = 500
-    responses: int = 2  # teacher replies per training prompt
-    temperature: float = 0.7  # the teacher's sampling temperature for training replies
-    human_chats: int = 1000  # the second setting's training conversations
-    val_prompts: int = 100
-    test_prompts: int = 300
-    top_k: int = 32
-    epochs: int = 1
-    batch_tokens: int = 1024
-    lrs: list[float] = field(default_factory=lambda: [5e-5, 1.5e-4, 4.5e-4])
-    grid_extend: int = 2  # times the grid may grow past an edge that won (for every arm)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    human_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: ["sft", "kd", "atkd"])
-    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
-    # registered before the run (docs/study.md); the report words its verdict to them
-    smallest_effect: float = 0.01
-    headroom_kl: float = 0.2
-
-
-# The README's main command: the same design, small enough for ~15 minutes.
-# Its runs are ~20 steps (a fifth of the study's), so its two rates sit at and above the
-# study's choices (4.5e-4 for SFT and KD, 1.5e-4 for ATKD); no grid extension, for time.
-DEMO = {"layers": "4", "heal_chats": 300, "train_prompts": 96, "human_chats": 0,
-        "val_prompts": 24, "test_prompts": 60, "max_new_tokens": 32, "lrs": [4.5e-4, 1.35e-3],
-        "grid_extend": 0, "seeds": [0], "human_seeds": [], "settings": ["teacher"]}
-SMOKE = {"layers": "2", "heal_chats": 24, "train_prompts": 12, "responses": 1,
-         "human_chats": 12, "val_prompts": 4, "test_prompts": 6, "prompt_tokens": 64,
-         "max_new_tokens": 8, "batch_tokens": 512, "heal_batch_tokens": 512, "lrs": [3e-4],
-         "seeds": [0, 1], "human_seeds": [0], "top_k": 8, "arms": ["kd", "atkd"],
-         "grid_extend": 0}
 
 
 def run_key(setting: str, arm: str, lr: float, seed: int) -> str:
@@ -136,6 +73,7 @@ class Results:
         self.path = path
         self.doc = {"design": 2, "complete": False, "config": asdict(cfg), "runs": {},
                     "student": {}, "teacher": {}, "stages": {}, "data": {}}
+        old = {}
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
@@ -147,6 +85,7 @@ class Results:
                 raise UserError(f"{path} was made with other study sizes: give the same flags, "
                                 f"or a new --results")
             self.doc.update({k: old[k] for k in self.KEPT if k in old})
+        self.finished = bool(old.get("complete"))  # a re-run of a finished study
 
     def get(self, key: str) -> dict | None:
         return self.doc["runs"].get(key)
@@ -307,7 +246,7 @@ def eval_set(data_file: str, cache_path: str, tokenizer) -> EvalSet:
 
 def build_student(cfg: StudyConfig, teacher: str, caches, results: Results, log) -> str:
     """A layer subset of the teacher healed by KD (forward KL, top-k) on the KJV chats: the
-    pretrained student every arm starts from. Its weights' sha256 pins the results file."""
+    pretrained student every arm starts from. Its weights' hash pins the results file."""
     cut = os.path.join(cfg.workdir, f"student-{cfg.layers}L-cut")
     if not os.path.exists(os.path.join(cut, "config.json")):
         kept = init_student(teacher, cfg.layers, cut)
@@ -326,22 +265,14 @@ def build_student(cfg: StudyConfig, teacher: str, caches, results: Results, log)
         results.doc["student"]["heal"] = {"steps": s["steps"], "tokens": s["tokens_seen"],
                                           "seconds": time.perf_counter() - t0}
     model = os.path.join(healed, "model")
-    digest = _sha256(os.path.join(model, "model.safetensors"))
-    known = results.doc["student"].get("sha256")
+    digest = weights_hash(model)
+    known = results.doc["student"].get("weights_hash")
     if known and known != digest:
-        raise UserError(f"the healed student {model} (sha256 {digest[:12]}) is not the one "
-                        f"{results.path} was made with ({known[:12]}): give a new --results")
-    results.doc["student"]["sha256"] = digest
+        raise UserError(f"the healed student {model} ({digest[:19]}) is not the one "
+                        f"{results.path} was made with ({known[:19]}): give a new --results")
+    results.doc["student"]["weights_hash"] = digest
     results.save()
     return model
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load(path: str):
@@ -517,13 +448,19 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     results = Results(cfg.results or os.path.join(cfg.workdir, "results.json"), cfg)
     t0 = time.perf_counter()
     timer = {}
+    rerun = results.finished  # a finished study re-run only reprints its report
 
-    def stage(n: int, what: str) -> None:
+    def close_stage() -> None:
+        """Add the time since the open stage began to its total (resumed runs add up)."""
         if timer:
             k, since = timer.popitem()
-            spent = time.perf_counter() - since
-            results.doc["stages"][k] = results.doc["stages"].get(k, 0.0) + spent
-            results.save()
+            if not rerun:
+                spent = time.perf_counter() - since
+                results.doc["stages"][k] = results.doc["stages"].get(k, 0.0) + spent
+                results.save()
+
+    def stage(n: int, what: str) -> None:
+        close_stage()
         log(f"[{n}/8 at {time.perf_counter() - t0:.0f}s] {what}")
         timer[str(n)] = time.perf_counter()
 
@@ -565,8 +502,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             for arm in cfg.arms:
                 st.run("human", arm, best[arm], seed, "test")
     stage(8, "report")
-    k, since = timer.popitem()  # (the report's own second or two is not counted)
-    results.doc["stages"][k] = results.doc["stages"].get(k, 0.0) + time.perf_counter() - since
+    close_stage()  # (the report's own second or two is not counted)
     results.doc["complete"] = True
     results.doc["seconds"] = sum(results.doc["stages"].values())
     results.save()
@@ -574,42 +510,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
     return results.doc
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags and run the study."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--demo", action="store_true",
-                    help="the README's size: sft, kd, atkd, one seed (~15 minutes)")
-    ap.add_argument("--smoke", "--quick", action="store_true", help="tiny sizes (~3 minutes)")
-    defaults = StudyConfig()
-    lists = {name: type(value[0]) for name, value in asdict(defaults).items()
-             if isinstance(value, list)}
-    for name, value in asdict(defaults).items():
-        if name in lists:
-            ap.add_argument("--" + name.replace("_", "-"), default=None,
-                            help=f"comma list (default {','.join(map(str, value))})")
-        else:
-            ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
-                            help=f"(default {value})")
-    args = ap.parse_args(argv)
-    values = {}
-    for name, value in vars(args).items():
-        if value is None or name in ("smoke", "demo"):
-            continue
-        kind = lists.get(name)
-        values[name] = [kind(v) for v in value.split(",") if v] if kind else value
-    preset = {}
-    if args.demo:
-        preset = {**DEMO, "workdir": "runs/demo"}
-    if args.smoke:
-        preset = {**preset, **SMOKE, "workdir": preset.get("workdir", "runs/study") + "-quick"}
-    _quiet_transformers()
-    try:
-        run_study(StudyConfig(**{**preset, **values}))
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """No per-load progress bars ("Loading weights", "Writing model shards", datasets'
     "Generating train split") or info logs: the study loads models and data for every run."""
     import datasets
@@ -619,6 +520,3 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
-
-if __name__ == "__main__":
-    main()

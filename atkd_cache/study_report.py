@@ -3,7 +3,7 @@ gate, ATKD − KD paired per prompt and seed (atkd_cache/stats.py), the power th
 achieved, the verdict in the registered words, tables with the teacher (ceiling) and the
 starting student (floor), an example prompt, a plot; and the first design's tables.
 
-    python -m atkd_cache.study_report docs/study_results.json [--docs]
+    atkd-cache study-report docs/study_results.json [--docs]
 
 `--docs` rewrites the generated blocks of docs/study.md and README.md (between
 `<!-- study:NAME -->` and `<!-- /study:NAME -->`); tests/test_study.py checks they match.
@@ -11,7 +11,6 @@ starting student (floor), an example prompt, a plot; and the first design's tabl
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import re
 
 import numpy as np
 
+from atkd_cache.errors import UserError, first_line
 from atkd_cache.stats import T_975, Paired, paired_bootstrap, seed_interval, verdict
 
 # per-prompt metrics (higher is better for the first three; reply length is descriptive)
@@ -166,6 +166,12 @@ def headline(doc: dict, summary: dict) -> str:
                      f"{_interval(e)}; smallest effect worth detecting {p['smallest']:g}; "
                      f"minimum detectable effect achieved {e['mde']:.4f} (80 % power).")
         lines.append(f"Verdict: {p['verdict']}.")
+    second = summary["settings"].get("human", {}).get("paired_vs_kd", {}).get("atkd", {})
+    if PRIMARY in second:  # secondary: the registration's verdict is the main setting's
+        e = second[PRIMARY]
+        lines.append(f"Second setting (human training replies; secondary, no verdict "
+                     f"registered): ATKD − KD in the same metric, {e['seeds']} seed(s) x "
+                     f"{e['prompts']} test prompts: {_interval(e)}.")
     if not doc.get("complete"):
         done = sum("test" in r for r in doc["runs"].values())
         lines.append(f"(Incomplete: {done} runs scored on test so far; the study resumes "
@@ -375,11 +381,24 @@ def v1_movement(doc: dict) -> str:
 
 # ----------------------------------------------------------------------------- docs
 
+def load_results(path: str) -> dict:
+    """A results file of the second design, or one line saying why it is not one."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable results file ({first_line(e)})") from None
+    if not isinstance(doc, dict) or doc.get("design") != 2:
+        raise UserError(f"{path}: not a results file of the study's second design (the one "
+                        f"`atkd-cache study` writes); the first design's is printed with "
+                        f"--v1")
+    return doc
+
+
 def blocks(results: str, results_v1: str | None = None,
            demo: str | None = None) -> dict[str, str]:
     """The generated blocks of docs/study.md and README.md, by name."""
-    with open(results) as f:
-        doc = json.load(f)
+    doc = load_results(results)
     summary = summarize(doc)
     out = {"headline": headline(doc, summary), "report": format_report(doc)}
     if results_v1 and os.path.exists(results_v1):
@@ -388,8 +407,7 @@ def blocks(results: str, results_v1: str | None = None,
         out["v1"] = v1_movement(v1) + "\n\n" + v1_tables(v1)
     if demo:
         if os.path.exists(demo):
-            with open(demo) as f:
-                out["demo"] = format_report(json.load(f))
+            out["demo"] = format_report(load_results(demo))
         else:
             out["demo"] = (f"(no docs/{os.path.basename(demo)} yet: run scripts/demo, then "
                            f"copy its runs/demo/results.json there)")
@@ -404,26 +422,15 @@ def fill(text: str, generated: dict[str, str]) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print the report of a results file; --docs also rewrites the docs' blocks."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results")
-    ap.add_argument("--v1", default="docs/study_v1_results.json")
-    ap.add_argument("--demo", default="docs/demo_results.json")
-    ap.add_argument("--docs", action="store_true",
-                    help="rewrite the generated blocks of docs/study.md and README.md")
-    args = ap.parse_args(argv)
-    generated = blocks(args.results, args.v1, args.demo)
-    print(generated["report"])
-    if args.docs:
-        for path in ("docs/study.md", "README.md"):
-            with open(path) as f:
-                text = f.read()
-            with open(path, "w") as f:
-                f.write(fill(text, generated))
-        with open(args.results) as f:
-            plot(json.load(f), "docs/study.png")
-
-
-if __name__ == "__main__":
-    main()
+def write_docs(results: str, v1: str, demo: str, docs: str = "docs",
+               readme: str = "README.md") -> str:
+    """Rewrite the generated blocks of docs/study.md and README.md and docs/study.png from
+    the results files; returns the report."""
+    generated = blocks(results, v1, demo)
+    for path in (os.path.join(docs, "study.md"), readme):
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(fill(text, generated))
+    plot(load_results(results), os.path.join(docs, "study.png"))
+    return generated["report"]

@@ -3,6 +3,7 @@ function and prints its result. A UserError becomes one line on stderr and exit 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -11,6 +12,7 @@ import click
 
 from atkd_cache.errors import UserError
 from atkd_cache.losses.names import BASES, LOSSES, MIXES, SPLITS, TAILS
+from atkd_cache.study_config import StudyConfig, study_config
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -425,6 +427,72 @@ def evaluate_cmd(**kw) -> None:
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def config_flags(cls):
+    """One --flag per field of a config dataclass, default None (the config's own default,
+    or a preset's, applies); a list field takes a comma list."""
+
+    def add(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            default = getattr(cls(), f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(default, list):
+                kind = type(default[0]) if default else str
+                fn = click.option(flag, f.name, default=None, metavar="A,B,...",
+                                  callback=_comma_list(kind),
+                                  help=f"(default {','.join(map(str, default))})")(fn)
+            else:
+                fn = click.option(flag, f.name, type=type(default), default=None,
+                                  help=f"(default {default!r})")(fn)
+        return fn
+
+    return add
+
+
+def _comma_list(kind):
+    def parse(ctx, param, text):
+        if text is None:
+            return None
+        try:
+            return [kind(v) for v in text.split(",") if v]
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: give {kind.__name__} values separated by "
+                                     f"commas") from None
+
+    return parse
+
+
+@main.command("study")
+@click.option("--demo", is_flag=True, help="The README's size: sft, kd, atkd, one seed "
+                                            "(~15 minutes, in runs/demo).")
+@click.option("--smoke", "--quick", "smoke", is_flag=True,
+              help="Tiny sizes (~3 minutes, in <workdir>-quick).")
+@config_flags(StudyConfig)
+@user_errors
+def study_cmd(demo: bool, smoke: bool, **values) -> None:
+    """Does ATKD help? The study of docs/study.md (resumes from its results file)."""
+    from atkd_cache.study import quiet_transformers, run_study
+
+    preset = "+".join(name for name, on in (("demo", demo), ("smoke", smoke)) if on)
+    quiet_transformers()
+    run_study(study_config(preset, **values), log=click.echo)
+
+
+@main.command("study-report")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("--v1", default="docs/study_v1_results.json", show_default=True,
+              help="The first design's results file.")
+@click.option("--demo", default="docs/demo_results.json", show_default=True,
+              help="The demo's results file (README block).")
+@click.option("--docs", is_flag=True,
+              help="Also rewrite the generated blocks of docs/study.md and README.md.")
+@user_errors
+def study_report_cmd(results: str, v1: str, demo: str, docs: bool) -> None:
+    """Print the study's report from its results file (every figure printed by code)."""
+    from atkd_cache.study_report import blocks, write_docs
+
+    click.echo(write_docs(results, v1, demo) if docs else blocks(results, v1, demo)["report"])
 
 
 if __name__ == "__main__":

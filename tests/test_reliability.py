@@ -197,6 +197,14 @@ CASES = {
                                            str(w["p"] / "malformed.jsonl"),
                                            "--prompt-field", "text", "--response-field", "text"],
                                 "malformed.jsonl line 2: not valid JSON"),
+    "study/unknown-arm": (lambda w: ["study", "--smoke", "--workdir", str(w["p"] / "st"),
+                                     "--arms", "kd,atdk"],
+                          "unknown arm or setting 'atdk'"),
+    "study-report/not-json": (lambda w: ["study-report", str(w["p"] / "a-file")],
+                              "a-file: not a readable results file"),
+    "study-report/first-design": (lambda w: ["study-report", str(DOC.parent /
+                                                              "study_v1_results.json")],
+                                  "not a results file of the study's second design"),
 }
 
 
@@ -228,3 +236,4 @@ def test_nothing_half_written_by_the_failures(w):
     assert not (p / "r3" / "model").exists()  # training stopped at the damaged shard
     assert sorted(os.listdir(p / "not-a-cache")) == ["notes.txt"]
     assert not os.path.exists("/sys/atkd-cache-test")
+    assert not (p / "st").exists() and not (p / "st-quick").exists()  # study refused first

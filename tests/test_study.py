@@ -17,7 +17,8 @@ import pytest
 
 from atkd_cache.errors import UserError
 from atkd_cache.stats import POWER_Z, Paired, verdict
-from atkd_cache.study import SMOKE, StudyConfig, run_key, run_study
+from atkd_cache.study import run_key, run_study
+from atkd_cache.study_config import SMOKE, StudyConfig
 from atkd_cache.study_report import blocks, format_report, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,9 @@ def test_study_smoke_on_real_assets(tmp_path):
 
     # the student is pinned by its weights' hash, and was healed on KJV text, not chitchat
     healed = tmp_path / f"student-{cfg.layers}L-kjv-{cfg.heal_chats}" / "model"
-    digest = hashlib.sha256((healed / "model.safetensors").read_bytes()).hexdigest()
-    assert doc["student"]["sha256"] == digest
+    digest = hashlib.sha256(b"model.safetensors" + str(os.path.getsize(
+        healed / "model.safetensors")).encode() + (healed / "model.safetensors").read_bytes())
+    assert doc["student"]["weights_hash"] == "sha256:" + digest.hexdigest()
     heal = (tmp_path / "data" / f"heal-kjv-{cfg.heal_chats}.jsonl").read_text()
     assert "God" in heal and "<|im_start|>assistant" in heal
 
@@ -94,7 +96,7 @@ def test_study_smoke_on_real_assets(tmp_path):
     other = dataclasses.replace(cfg, test_prompts=cfg.test_prompts + 1)
     with pytest.raises(UserError, match="other study sizes"):
         run_study(other, log=lambda m: None)
-    doc["student"]["sha256"] = "0" * 64  # a results file made with another student
+    doc["student"]["weights_hash"] = "sha256:" + "0" * 64  # made with another student
     (tmp_path / "results.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match="is not the one"):
         run_study(cfg, log=lambda m: None)
@@ -111,7 +113,7 @@ def test_docs_blocks_are_printed_from_the_results_files():
         for name, body in re.findall(r"<!-- study:(\w+) -->\n(.*?)\n<!-- /study:\1 -->", text,
                                      re.S):
             assert body == generated[name], f"{page}: block {name} is stale: run " \
-                "`python -m atkd_cache.study_report docs/study_results.json --docs`"
+                "`atkd-cache study-report docs/study_results.json --docs`"
             found += 1
     assert found >= 3
 
@@ -127,3 +129,17 @@ def test_v1_figures_the_recomputation_corrected():
     rouge = [float(x) for x in re.findall(r"[+-]\d\.\d+", row[3])]
     assert rouge[2] < 0  # its interval's upper end is below 0
     assert math.isclose(rouge[0], -0.021, abs_tol=1e-3)
+
+
+def test_presets_and_flags_build_the_config():
+    """`atkd-cache study --demo/--smoke` and its flags: a flag beats the preset, an unset
+    flag (None) keeps it, and the smoke size never works in the full study's folder."""
+    from atkd_cache.study_config import DEMO, study_config
+
+    assert study_config() == StudyConfig()
+    demo = study_config("demo", seeds=[3], layers=None)
+    assert demo.seeds == [3] and demo.layers == DEMO["layers"] and demo.workdir == "runs/demo"
+    assert study_config("smoke").workdir == "runs/study-quick"
+    assert study_config("demo+smoke").workdir == "runs/demo-quick"
+    assert study_config("smoke", workdir="w").workdir == "w"
+    assert study_config("smoke").arms == SMOKE["arms"] != StudyConfig().arms
