@@ -114,7 +114,8 @@ def primary_verdict(summary: dict, effect: Paired, cfg: dict) -> str:
         return (f"no headroom: KD cut the test KL by only {gate['kd_kl_cut']:.3f} nats "
                 f"(< {gate['needed']:g}), so this run cannot test the claim; {words}")
     if effect.seeds < 2:
-        return f"1 seed: no verdict (the registered design needs ≥ 5); {words}"
+        return (f"1 seed: no verdict (the registered design needs ≥ 5; this interval covers "
+                f"the prompts of one seed, not how seeds vary) — on this seed alone: {words}")
     return words
 
 
