@@ -319,7 +319,9 @@ def test_wrong_server_settings_are_refused_before_work(assets, teacher, server, 
         (["--url", server, "--model", "nope"], f"serves ['{SERVED}'], not 'nope'"),
         (["--url", server, "--top-k", "20"], "restart it with --max-logprobs 20 or more"),
         (["--url", server, "--tokenizer", other], "tokenizer disagrees with the local one"),
-        (["--url", "http://127.0.0.1:9"], "does not answer"),
+        # (2 tries: the default 8, with backoff, spend ~80 s on a port nobody answers)
+        (["--url", "http://127.0.0.1:9", "--retries", "2"],
+         "does not answer (ConnectError, 2 tries)"),
     ]
     for i, (flags, message) in enumerate(cases):
         r = server_dump(assets, teacher, tmp_path / f"c{i}", *flags)
