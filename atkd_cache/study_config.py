@@ -5,7 +5,7 @@ flags from StudyConfig without importing torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 # The paper's ATKD (alpha 0.2, no CE, the cache's per-sequence median split) and its
 # baselines; the first design's ablations stay available behind --arms.
@@ -81,12 +81,12 @@ def study_config(preset: str | None = None, **values) -> StudyConfig:
     `values` (flags the user gave) on top. The smoke size works in <workdir>-quick so it
     never resumes the full-size results."""
     merged: dict = {}
-    for name in (preset or "").split("+"):
-        if name and name not in PRESETS:
+    names = [n for n in (preset or "").split("+") if n]
+    for name in names:
+        if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}")
-        merged.update(PRESETS.get(name, {}))
-    if preset and "smoke" in preset.split("+"):
+        merged.update(PRESETS[name])
+    if "smoke" in names:
         merged["workdir"] = merged.get("workdir", StudyConfig.workdir) + "-quick"
-    names = {f.name for f in fields(StudyConfig)}
-    merged.update({k: v for k, v in values.items() if k in names and v is not None})
+    merged.update({k: v for k, v in values.items() if v is not None})
     return StudyConfig(**merged)

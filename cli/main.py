@@ -433,9 +433,11 @@ def config_flags(cls):
     """One --flag per field of a config dataclass, default None (the config's own default,
     or a preset's, applies); a list field takes a comma list."""
 
+    defaults = cls()
+
     def add(fn):
         for f in reversed(dataclasses.fields(cls)):
-            default = getattr(cls(), f.name)
+            default = getattr(defaults, f.name)
             flag = "--" + f.name.replace("_", "-")
             if isinstance(default, list):
                 kind = type(default[0]) if default else str
