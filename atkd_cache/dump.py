@@ -216,6 +216,7 @@ def teacher_dtype(cfg: DumpConfig) -> str:
 def build_card(
     cfg: DumpConfig, width: int, revision: str | None, tokenizer, data_fingerprint: str,
     planned_shards: int, generation: GenerationSpec | None = None,
+    teacher_probe: list[float] | None = None,
 ) -> CacheCard:
     """The cache card for this configuration."""
     spec = cfg.data
@@ -260,6 +261,7 @@ def build_card(
         encoding=cfg.encoding,
         planned_shards=planned_shards,
         generation=generation.card() if generation is not None else {},
+        teacher_probe=teacher_probe or [],
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     card.format_version = card.needed_version  # plain top-k caches stay readable by v1 tools
@@ -385,7 +387,7 @@ def records_for_window(
 
 
 def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None, tokenizer=None,
-                 longest: int = 0) -> Teacher:
+                 longest: int = 0, log=print) -> Teacher:
     """The configured backend behind the Teacher interface (teacher/__init__.py)."""
     if cfg.backend == "server":
         from atkd_cache.teacher.server import ServerConfig, ServerTeacher, served_width
@@ -393,12 +395,14 @@ def load_teacher(cfg: DumpConfig, pad_id: int, spec: GenerationSpec | None, toke
         served = ServerTeacher(ServerConfig(
             urls=list(cfg.urls), model=cfg.model, top_k=cfg.top_k, concurrency=cfg.concurrency,
             timeout=cfg.request_timeout, retries=cfg.retries))
-        info = served.check(tokenizer, longest, generate=spec is not None)
+        info = served.check(tokenizer, longest, generate=spec is not None, warn=log)
+        probe = [round(v, 5) for v in info.pop("probe")]
         return Teacher(score=served.score,
                        generate=lambda prompts, on_batch=None: served.generate(
                            prompts, spec, on_batch),
                        logits_width=served_width(cfg.tokenizer or cfg.model, tokenizer),
-                       max_length=info.get("max_model_len"), extra={"server": info})
+                       max_length=info.get("max_model_len"), extra={"server": info},
+                       probe=probe)
     if cfg.backend == "vllm":
         from atkd_cache.teacher.vllm import VllmTeacher
 
@@ -480,7 +484,7 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
         windows = plan_windows(items, cfg.shard_positions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     teacher = load_teacher(cfg, pad_id, spec, tokenizer,
-                           max(len(s.input_ids) for s in items) if not cfg.generate else 0)
+                           max(len(s.input_ids) for s in items) if not cfg.generate else 0, log)
     width = teacher.logits_width
     if cfg.top_k > width:
         raise UserError(
@@ -504,7 +508,7 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
                    if cfg.backend == "server" else "")
             )
     card = build_card(cfg, width, teacher.revision, tokenizer, stats.fingerprint, len(windows),
-                      spec)
+                      spec, teacher.probe)
     if teacher.extra:  # provenance outside the fingerprint (e.g. which engine served it)
         card.extra = {**card.extra, **teacher.extra}
 

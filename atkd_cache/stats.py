@@ -5,10 +5,13 @@ A difference table D[s, p] holds arm − baseline for seed s (the same data orde
 arms) and test prompt p. Its mean is the effect; resampling seeds and prompts independently
 (with replacement) covers both sources of noise a reader cares about — another data order
 and another test set — which a t interval over seed means (prompts fixed) does not. It is
-conservative: with independent noise it counts the residual variance about three times
-(sigma_s^2/S + sigma_p^2/P + 3 sigma_e^2/(S P) for the variance of the mean, where the truth
-has 1 sigma_e^2; Owen 2007, "The pigeonhole bootstrap"), so its interval and minimum
-detectable effect are upper bounds.
+conservative for the residual: with independent noise it counts the residual variance about
+three times (sigma_s^2/S + sigma_p^2/P + 3 sigma_e^2/(S P) for the variance of the mean,
+where the truth has 1 sigma_e^2; Owen 2007, "The pigeonhole bootstrap"). It is NOT
+conservative for the seed part when there are few seeds: resampling S seeds gives
+(S - 1)/S of sigma_s^2/S and percentile quantiles where a t with S - 1 degrees of freedom
+applies. When most of the variance is between seeds (3 seeds, say), `seed_interval` over the
+seed means is the honest interval; the study's report prints both.
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ from atkd_cache.train.evaluate import (
     decode_replies,
     generate_reply_ids,
     reply_logprobs,
+    reply_shape,
     rouge_l_scores,
+    stop_ids,
 )
 from atkd_cache.train.loader import LoaderConfig
 from atkd_cache.train.student import init_student
@@ -329,10 +331,11 @@ def score(model, tokenizer, cfg: StudyConfig, ev: EvalSet, caches: dict[str, str
     text = decode_replies(tokenizer, ids)
     prompts = {"rouge_teacher": rouge_l_scores(text, ev.teacher_text),
                "rouge_human": rouge_l_scores(text, ev.human_text),
-               "reply_tokens": [len(r) for r in ids]}
+               **reply_shape(ids, stop_ids(model, tokenizer))}
     if teacher is not None:
         prompts["teacher_logprob"] = reply_logprobs(teacher, ev.prompts, ids)
     out["per_prompt"] = {k: [round(float(v), 6) for v in vals] for k, vals in prompts.items()}
+    out["reply_ids"] = ids  # every greedy reply, so a reader can recompute any of the above
     out["examples"] = text[:EXAMPLES]
     return out
 
@@ -389,12 +392,15 @@ def baselines(st: Stage) -> None:
     if "test" not in doc:
         ev = st.evals["test"]
         own = reply_logprobs(st.teacher(), ev.prompts, ev.teacher_ids)
+        shape = reply_shape(ev.teacher_ids, stop_ids(st.teacher(), st.tokenizer))
         doc["test"] = {
             "per_prompt": {"rouge_teacher": [1.0] * len(ev.prompts),
                            "rouge_human": [round(v, 6) for v in rouge_l_scores(
                                ev.teacher_text, ev.human_text)],
                            "teacher_logprob": [round(float(v), 6) for v in own],
-                           "reply_tokens": [len(r) for r in ev.teacher_ids]},
+                           **{k: [round(float(v), 6) for v in vals]
+                              for k, vals in shape.items()}},
+            "reply_ids": ev.teacher_ids,
             # (the teacher's own numbers come from the caches, whatever model reads them)
             **{name: cache_metrics(model, path, batch_tokens=4096)["teacher"]
                for name, path in st.test_caches().items()},

@@ -385,3 +385,29 @@ def test_evaluate_scores_student_replies_against_the_teachers(teacher, tmp_path)
         means.append(np.mean([float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(reply)]))
     assert got["student"]["teacher_logprob"] == pytest.approx(np.mean(means), abs=1e-5)
     assert got["teacher"]["teacher_logprob"] > got["student"]["teacher_logprob"]
+    for name, rs in replies.items():  # the replies' shape, from the same greedy replies
+        stopped = [bool(r) and r[-1] == tok.eos_token_id for r in rs]
+        shares = []
+        for r, s in zip(rs, stopped, strict=True):
+            body = r[:-1] if s else r
+            grams = [tuple(body[i:i + 3]) for i in range(len(body) - 2)]
+            if grams:
+                shares.append(len(set(grams)) / len(grams))
+        assert got[name]["stop_rate"] == pytest.approx(np.mean(stopped))
+        assert got[name]["reply_tokens"] == pytest.approx(np.mean([len(r) for r in rs]))
+        assert got[name]["distinct_3"] == pytest.approx(np.mean(shares))
+
+
+def test_reply_shape_tells_loops_and_stops():
+    from atkd_cache.train.evaluate import reply_shape, shape_summary
+
+    eos = 2
+    replies = [[5, 6, 7, 5, 6, 7, 5, 6, 7], [5, 6, 7, 8, eos], [9, eos], []]
+    shape = reply_shape(replies, {eos})
+    assert shape["stopped"] == [0.0, 1.0, 1.0, 0.0]
+    assert shape["reply_tokens"] == [9.0, 5.0, 2.0, 0.0]
+    # the loop: 7 three-grams, 3 distinct; the stopped one: (5,6,7), (6,7,8) without its EOS
+    assert shape["distinct_3"][:2] == [3 / 7, 1.0] and all(np.isnan(shape["distinct_3"][2:]))
+    summary = shape_summary(shape)
+    assert summary == {"reply_tokens": 4.0, "stop_rate": 0.5,
+                       "distinct_3": pytest.approx((3 / 7 + 1) / 2)}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from atkd_cache import assets
 from atkd_cache.errors import UserError
 from atkd_cache.stats import POWER_Z, Paired, verdict
 from atkd_cache.study import run_key, run_study
@@ -41,6 +42,10 @@ def test_study_smoke_on_real_assets(tmp_path):
     assert "God" in heal and "<|im_start|>assistant" in heal
 
     n = doc["data"]["test_prompts"]
+    from atkd_cache.models import eos_token_ids, load_tokenizer
+
+    folder = assets.smollm2_folder(str(tmp_path / "assets"), dtype="fp32")  # the study's own
+    eos = set(eos_token_ids(folder, load_tokenizer(folder)))
     assert n == cfg.test_prompts
     assert doc["teacher"]["test"]["per_prompt"]["rouge_teacher"] == [1.0] * n
     start = doc["student"]["test"]
@@ -50,6 +55,11 @@ def test_study_smoke_on_real_assets(tmp_path):
                 run = doc["runs"][run_key(setting, arm, cfg.lrs[0], seed)]
                 assert not os.path.exists(os.path.join(run["out"], "checkpoints"))
                 assert all(len(v) == n for v in run["test"]["per_prompt"].values())
+                # every greedy reply's ids are kept, and its shape is recomputable from them
+                ids, pp = run["test"]["reply_ids"], run["test"]["per_prompt"]
+                assert len(ids) == n and pp["reply_tokens"] == [len(r) for r in ids]
+                assert all(len(r) <= cfg.max_new_tokens for r in ids)
+                assert pp["stopped"] == [float(len(r) > 0 and r[-1] in eos) for r in ids]
                 if arm == "kd":  # distillation moved the student towards the teacher
                     assert (run["test"]["teacher"]["kl_to_teacher"]
                             < start["teacher"]["kl_to_teacher"]), (setting, seed)
@@ -116,6 +126,38 @@ def test_docs_blocks_are_printed_from_the_results_files():
                 "`atkd-cache study-report docs/study_results.json --docs`"
             found += 1
     assert found >= 3
+
+
+def test_the_study_reading_has_no_number_that_code_did_not_print():
+    """docs/study.md's "Reading it": every sentence with a number is inside a generated
+    block (printed from the results file); the words around the blocks hold no digit."""
+    text = (ROOT / "docs" / "study.md").read_text()
+    section = text[text.index("### Reading it"):text.index("![arm − KD on every metric]")]
+    prose = re.sub(r"<!-- study:(\w+) -->\n.*?\n<!-- /study:\1 -->", "", section, flags=re.S)
+    assert "<!-- study:reading -->" in section
+    assert not re.search(r"\d", prose), re.findall(r".{30}\d.{30}", prose)
+
+
+def test_reading_words_each_direction_from_its_sign():
+    """The reading's claims follow the file: flipping ATKD's and KD's primary scores flips
+    'behind' to 'ahead of', and the stopping counts are recomputed from the records."""
+    import copy
+
+    from atkd_cache.study_report import reading, stopping, words
+
+    doc = json.loads((ROOT / "docs" / "study_results.json").read_text())
+    st = stopping(doc)
+    kd = doc["runs"]["teacher/kd/lr0.00045/seed0"]["test"]["per_prompt"]
+    assert st["capped"]["kd"][0] == sum(n >= 48 for n in kd["reply_tokens"])
+    assert st["teacher_capped"] == sum(
+        n >= 48 for n in doc["teacher"]["test"]["per_prompt"]["reply_tokens"])
+    assert "ATKD is behind KD" in reading(doc) and "*behind* KD" in words(doc)
+    flipped = copy.deepcopy(doc)
+    for seed in doc["config"]["seeds"]:
+        a = flipped["runs"][f"teacher/atkd/lr0.00015/seed{seed}"]["test"]["per_prompt"]
+        k = flipped["runs"][f"teacher/kd/lr0.00045/seed{seed}"]["test"]["per_prompt"]
+        a["rouge_teacher"], k["rouge_teacher"] = k["rouge_teacher"], a["rouge_teacher"]
+    assert "ATKD is ahead of KD" in reading(flipped) and "*ahead of* KD" in words(flipped)
 
 
 def test_v1_figures_the_recomputation_corrected():

@@ -35,6 +35,42 @@ def teacher(assets, tmp_path_factory):
     return folder
 
 
+# Process groups of the servers the tests started and have not stopped yet, and the VLLM::
+# processes that were alive before the suite (another user's): anything else is a leak.
+LIVE_GROUPS: set[int] = set()
+BEFORE: set[int] = set()
+
+
+def vllm_processes() -> dict[int, str]:
+    """pid -> command of every live `VLLM::` process (engine cores and workers)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return {int(line.split()[0]): line.split(None, 1)[1] for line in ps.splitlines()
+            if "VLLM::" in line}
+
+
+def stray_vllm_processes() -> list[str]:
+    """`VLLM::` processes that belong to no live test server and were not there before."""
+    stray = []
+    for pid, command in vllm_processes().items():
+        try:
+            group = os.getpgid(pid)
+        except ProcessLookupError:
+            continue
+        if pid not in BEFORE and group not in LIVE_GROUPS:
+            stray.append(f"{pid} {command}")
+    return stray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_engine_outlives_the_suite():
+    BEFORE.update(vllm_processes())
+    yield
+    deadline = time.time() + 30  # the last server's group is being killed
+    while stray_vllm_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert stray_vllm_processes() == []
+
+
 def vllm_dump(assets, teacher, out, *extra, popen=False):
     args = CLI + [
         "dump-teacher", "--backend", "vllm", "--model", teacher, "--data", assets["chat"],
@@ -97,16 +133,10 @@ def test_kill_then_resume_matches(assets, teacher, caches, tmp_path):
     deadline = time.time() + 600
     while not manifest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # the dump only: what it started must die with it
     proc.wait()
-    subprocess.run(["pkill", "-9", "-f", "EngineCore"], check=False)  # its engine process
-    # let the killed engine be gone before the next one starts: a resume started while it
-    # was still exiting aborted once inside vLLM ("terminate called without an active
-    # exception", exit -6, in a full scripts/test run; not reproduced alone)
-    deadline = time.time() + 60
-    while time.time() < deadline and subprocess.run(
-            ["pgrep", "-f", "EngineCore"], capture_output=True).returncode == 0:
-        time.sleep(0.2)
+    time.sleep(2.0)
+    assert stray_vllm_processes() == []  # the engine ran in the dump's process
     partial = open_cache(out)
     assert 0 < len(partial.shard_rows) < len(full.shard_rows), "the dump was not interrupted"
     assert verify_cache(partial) == []
@@ -222,7 +252,8 @@ def start_server(model: str, port: int, log, *flags) -> subprocess.Popen:
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-logprobs", "16", "--max-model-len", "512", "--enforce-eager",
          "--served-model-name", SERVED, "--gpu-memory-utilization", "0.1", *flags],
-        env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    LIVE_GROUPS.add(proc.pid)  # its engine core and workers share its process group
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -233,13 +264,18 @@ def start_server(model: str, port: int, log, *flags) -> subprocess.Popen:
         if proc.poll() is not None:
             break
         time.sleep(1)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"the vLLM server did not start (see {log.name})")
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.kill()
+    """Kill the server and everything it started (its process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     proc.wait(60)
+    LIVE_GROUPS.discard(proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +346,99 @@ def test_faults_are_retried_and_every_sequence_lands_once(assets, teacher, serve
     assert verify_cache(faulty) == []
 
 
+def test_slow_and_malformed_answers_are_retried_and_the_dump_is_unchanged(
+        assets, teacher, server, served_cache, tmp_path):
+    """An answer dripped one byte per 0.5 s (past --request-timeout 2 s, which bounds the
+    whole request), one a log-prob entry short, another sequence's, and one cut short: each
+    is retried, and the cache equals the clean one exactly (the bound: 0)."""
+    import fault_proxy
+
+    shapes = ("drip", "short", "swap", "cut")
+    plan = {n: shapes[(n - 1) % 4] for n in range(1, 9)}  # n = 0 is the check's probe
+    with fault_proxy.FaultProxy(server, plan=plan.get, drip=0.5) as proxy:
+        start = time.monotonic()
+        r = server_dump(assets, teacher, tmp_path / "c", "--url", proxy.url,
+                        "--request-timeout", "2", "--concurrency", "2")
+        took = time.monotonic() - start
+        counts = dict(proxy.counts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(counts.get(shape) == 2 for shape in shapes), counts
+    assert took < 120  # not hung on the dripping answers
+    assert_same_arrays(open_cache(tmp_path / "c"), served_cache, exact=True)
+
+
+def test_an_answer_bad_every_time_stops_in_one_line_naming_server_and_sequence(
+        assets, teacher, server, tmp_path):
+    import re
+
+    import fault_proxy
+
+    with fault_proxy.FaultProxy(server, plan=lambda n: "short" if n else None) as proxy:
+        r = server_dump(assets, teacher, tmp_path / "c", "--url", proxy.url, "--retries", "2")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert re.search(r"failed 2 times on sequence \d+ \(last: " + re.escape(proxy.url), errors[0])
+    assert "prompt log-prob entries" in errors[0] and "Traceback" not in r.stderr
+
+
+def test_429_waits_its_retry_after_and_does_not_use_up_retries(assets, teacher, server,
+                                                               served_cache, tmp_path):
+    """Six 429s with `Retry-After: 1` under --retries 1: the dump completes, and no sequence
+    is asked again sooner than 1 s after its 429."""
+    import fault_proxy
+
+    with fault_proxy.FaultProxy(server, plan=lambda n: "429" if 1 <= n <= 6 else None,
+                                retry_after=1.0) as proxy:
+        r = server_dump(assets, teacher, tmp_path / "c", "--url", proxy.url, "--retries", "1",
+                        "--concurrency", "2")
+        events = list(proxy.events)
+    assert r.returncode == 0, r.stderr[-3000:]
+    busy = [(t, body) for t, _, fault, body in events if fault == "429"]
+    assert len(busy) == 6
+    for t, body in busy:
+        again = [u for u, _, _, b in events if b == body and u > t]
+        assert again and min(again) - t >= 1.0, min(again) - t
+    assert_same_arrays(open_cache(tmp_path / "c"), served_cache, exact=True)
+
+
+def test_a_dead_url_at_the_start_is_left_out_and_a_v1_url_is_the_same_server(
+        assets, teacher, server, served_cache, tmp_path):
+    r = server_dump(assets, teacher, tmp_path / "c", "--url", "http://127.0.0.1:9",
+                    "--url", server + "/v1", "--retries", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "http://127.0.0.1:9 (ConnectError" in warnings[0], r.stderr
+    cache = open_cache(tmp_path / "c")
+    assert_same_arrays(cache, served_cache, exact=True)
+    assert cache.card.fingerprint == served_cache.card.fingerprint
+
+
+def test_a_server_of_another_dtype_is_refused_before_work_and_on_resume(
+        assets, teacher, server, served_cache, tmp_path):
+    """The probe tells a bf16 server of the same weights from the fp32 ones: a fleet that
+    mixes them is refused before work, and so is resuming an fp32 cache against it."""
+    import shutil
+
+    assert len(served_cache.card.teacher_probe) > 20
+    port = free_port()
+    proc = start_server(teacher, port, open(tmp_path / "s.log", "w"), "--dtype", "bfloat16")
+    bf16 = f"http://127.0.0.1:{port}"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(served_cache.path, resumed)
+    try:
+        mixed = server_dump(assets, teacher, tmp_path / "mixed", "--url", server, "--url", bf16)
+        again = server_dump(assets, teacher, resumed, "--url", bf16)
+    finally:
+        stop(proc)
+    for r, message in ((mixed, f"servers {server} and {bf16} compute the teacher differently"),
+                       (again, "made by a served teacher that computes differently")):
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+        assert message in errors[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "mixed" / "zarr.json").exists()
+    assert verify_cache(open_cache(resumed)) == []  # the refused resume changed nothing
+
+
 def test_wrong_server_settings_are_refused_before_work(assets, teacher, server, tmp_path):
     other = str(tmp_path / "other-tokenizer")
     tiny.build_tokenizer(other, vocab_size=280, seed=9)
@@ -319,7 +448,7 @@ def test_wrong_server_settings_are_refused_before_work(assets, teacher, server, 
         (["--url", server, "--tokenizer", other], "tokenizer disagrees with the local one"),
         # (2 tries: the default 8, with backoff, spend ~80 s on a port nobody answers)
         (["--url", "http://127.0.0.1:9", "--retries", "2"],
-         "does not answer (ConnectError, 2 tries)"),
+         "no server answers (http://127.0.0.1:9 (ConnectError, 2 tries))"),
     ]
     for i, (flags, message) in enumerate(cases):
         r = server_dump(assets, teacher, tmp_path / f"c{i}", *flags)
@@ -371,31 +500,41 @@ def wait_for_shard(cache_dir, proc, more_than=0, timeout=300):
 
 def test_killed_server_stops_the_dump_and_a_restart_completes_it(assets, teacher, server,
                                                                  served_cache, tmp_path):
+    """A server killed mid-dump stops it in one line (the shards so far stay); the re-run,
+    with it restarted beside another and killed again mid-run, is finished by the other.
+    A proxy holds a request in flight until the kill has landed, so that each kill is
+    mid-run whatever the machine's speed."""
+    import fault_proxy
+
+    first_window = int(served_cache.shard_rows[0]["num_sequences"])
     port = free_port()
     log = open(tmp_path / "s.log", "w")
     second = start_server(teacher, port, log)
     url = f"http://127.0.0.1:{port}"
     out = tmp_path / "c"
-    dump_proc = server_dump(assets, teacher, out, "--url", url, "--concurrency", "1",
-                            "--retries", "3", popen=True)
-    assert wait_for_shard(out, dump_proc), "the dump finished before a shard was seen"
-    stop(second)
-    _, stderr = dump_proc.communicate(timeout=300)
+    # request 0 is the check's probe; 1..first_window are the first shard's sequences
+    with fault_proxy.FaultProxy(url, plan=lambda n: "hold" if n > first_window else None) as p:
+        dump_proc = server_dump(assets, teacher, out, "--url", p.url, "--concurrency", "1",
+                                "--retries", "3", popen=True)
+        assert wait_for_shard(out, dump_proc) and p.wait_held()
+        stop(second)
+        p.release_held()
+        _, stderr = dump_proc.communicate(timeout=300)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    if dump_proc.returncode == 0:  # it finished the last shard before the kill landed
-        pytest.fail("the dump outran the kill: give it more data")
     assert dump_proc.returncode == 2 and len(errors) == 1, stderr[-2000:]
     assert "failed 3 times" in errors[0] and "Traceback" not in stderr
     partial = open_cache(out)
-    assert partial.status == "partial" and verify_cache(partial) == []
+    assert partial.status == "partial" and len(partial.shard_rows) == 1
+    assert verify_cache(partial) == []
     second = start_server(teacher, port, log)
-    try:  # two servers, one of them killed while the dump runs: the other finishes it
-        resumed = server_dump(assets, teacher, out, "--url", url, "--url", server,
-                              "--concurrency", "1", popen=True)
-        assert wait_for_shard(out, resumed, more_than=len(partial.shard_rows)), \
-            "the resumed dump finished before the second server could be killed"
-        stop(second)
-        _, stderr = resumed.communicate(timeout=600)
+    try:  # two servers, one of them killed while its request is in flight: the other finishes
+        with fault_proxy.FaultProxy(url, plan=lambda n: "hold" if n else None) as p:
+            resumed = server_dump(assets, teacher, out, "--url", p.url, "--url", server,
+                                  "--concurrency", "1", popen=True)
+            assert p.wait_held()
+            stop(second)
+            p.release_held()
+            _, stderr = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, stderr[-3000:]
     finally:
         if second.poll() is None:

@@ -24,7 +24,13 @@ from atkd_cache.cache.inspect import verify_cache
 from atkd_cache.cache.integrity import canonical_json, complete_record, manifest_table, meta_sha256
 from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.readme import README_FILE, render_readme
-from atkd_cache.cache.schema import COMPLETE_FILE, MANIFEST_FILE, SHARDS_GROUP, CacheCard
+from atkd_cache.cache.schema import (
+    COMPLETE_FILE,
+    MANIFEST_FILE,
+    SHARDS_GROUP,
+    CacheCard,
+    probe_gap,
+)
 from atkd_cache.cache.writer import dir_bytes, shard_name
 from atkd_cache.errors import UserError
 from atkd_cache.paths import check_output_folder
@@ -38,6 +44,9 @@ def _check_same_card(first: Cache, other: Cache) -> None:
     diff = first.card.first_difference(other.card, ignore=PART_FIELDS)
     if diff is not None:
         key, mine, theirs = diff
+        if key == "teacher_probe":
+            raise UserError(f"cannot join {other.path} to {first.path}: their served teachers "
+                            f"compute differently (teacher_probe: {probe_gap(mine, theirs)})")
         raise UserError(
             f"cannot join {other.path} to {first.path}: {key} is {theirs!r} there but "
             f"{mine!r} in the first cache (concat joins caches made with the same card)"

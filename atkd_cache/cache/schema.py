@@ -166,7 +166,11 @@ def round_for_encoding(name: str, values: np.ndarray, encoding: str) -> np.ndarr
 _FIELD_TYPES = {
     "str": str, "str | None": (str, type(None)), "int": int, "int | None": (int, type(None)),
     "float": (int, float), "dict[str, str]": dict, "dict[str, Any]": dict,
+    "list[float]": list,
 }
+# Two served teachers are the same teacher when their probe answers (teacher_probe) differ by
+# at most this many nats at every position (teacher/server.py measures and explains it).
+PROBE_TOLERANCE = 5e-3
 
 
 @dataclass
@@ -217,6 +221,10 @@ class CacheCard:
     # temperature, top_p, max_new_tokens, greedy, seed, eos_token_ids); {} for a cache of
     # given sequences. A generated sequence's seq_id is prompt_row * num_responses + response.
     generation: dict[str, Any] = field(default_factory=dict)
+    # `--backend server`: the served teacher's target log-probs of a fixed probe sequence
+    # (teacher/server.py PROBE_TEXT), its numeric fingerprint: servers of another dtype or
+    # build answer differently. Compared within PROBE_TOLERANCE; [] for the other backends.
+    teacher_probe: list[float] = field(default_factory=list)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_at: str = ""
@@ -253,8 +261,9 @@ class CacheCard:
         """The card as JSON-able Zarr attributes (no `generation` key for a cache of given
         sequences: its card stays what writers before --generate wrote)."""
         attrs = dataclasses.asdict(self)
-        if not attrs["generation"]:
-            del attrs["generation"]
+        for key in ("generation", "teacher_probe"):  # absent where unused: older cards stay
+            if not attrs[key]:
+                del attrs[key]
         return attrs
 
     @classmethod
@@ -302,6 +311,8 @@ class CacheCard:
         for key in sorted(keys, key=lambda name: name == "fingerprint"):  # stable sort
             if key not in ignore and mine.get(key) != theirs.get(key):
                 a, b = mine.get(key), theirs.get(key)
+                if key == "teacher_probe" and probes_agree(a or [], b or []):
+                    continue
                 if key == "generation":
                     a, b = a or {}, b or {}
                     for sub in sorted(set(a) | set(b)):  # name the setting, not the dict
@@ -314,6 +325,21 @@ class CacheCard:
     def generated(self) -> bool:
         """Were the sequences written by the teacher (dump-teacher --generate)?"""
         return bool(self.generation)
+
+
+def probes_agree(a: list[float], b: list[float]) -> bool:
+    """Do two served teachers' probe answers agree within PROBE_TOLERANCE?"""
+    return len(a) == len(b) and all(
+        abs(x - y) <= PROBE_TOLERANCE for x, y in zip(a, b, strict=True))
+
+
+def probe_gap(a: list[float] | None, b: list[float] | None) -> str:
+    """How two probe answers differ, in words."""
+    a, b = a or [], b or []
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} probe positions"
+    worst = max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+    return f"log-probs up to {worst:.3g} nats apart, more than {PROBE_TOLERANCE:g}"
 
 
 @dataclass

@@ -59,6 +59,7 @@ from atkd_cache.cache.schema import (
     array_dtypes,
     array_filters,
     arrays_for,
+    probe_gap,
     round_for_encoding,
 )
 from atkd_cache.errors import UserError, first_line
@@ -276,6 +277,12 @@ class CacheWriter:
             diff = existing.first_difference(self.card)
             if diff is not None:
                 key, old, new = diff
+                if key == "teacher_probe":  # two lists of numbers: say what they mean
+                    raise UserError(
+                        f"{self.url} was made by a served teacher that computes differently "
+                        f"from this one (teacher_probe: {probe_gap(old, new)}): serve the "
+                        f"cache's teacher as it was (weights, --dtype, build), or use another "
+                        f"output folder")
                 raise UserError(
                     f"{self.url} was made with a different configuration: {key} is {old!r} in "
                     f"the cache but {new!r} now; use another output folder or the same settings"

@@ -37,6 +37,7 @@ from atkd_cache.cache.join import check_joinable, joined_identity, same_sequence
 from atkd_cache.cache.reader import CachedSequence, open_cache
 from atkd_cache.errors import UserError
 from atkd_cache.train.loader import AlignedReader
+from atkd_cache.train.trainer import destroy_process_group_at_exit
 
 IGNORE_INDEX = -100  # transformers' "not a label"
 
@@ -162,6 +163,7 @@ def cache_dataset(
     `check` compares every shard with the manifest's sha256 as it is read."""
     import datasets
 
+    destroy_process_group_at_exit()  # a torchrun script's gloo group (train/trainer.py)
     paths = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
     caches = [open_cache(p, check=check) for p in paths]
     check_joinable(caches)

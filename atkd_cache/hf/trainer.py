@@ -24,7 +24,7 @@ from transformers import Trainer
 from atkd_cache.hf.collator import TEACHER_COLUMNS
 from atkd_cache.losses.kd import LossConfig
 from atkd_cache.train.student import loss_at_rows
-from atkd_cache.train.trainer import sparse_teacher
+from atkd_cache.train.trainer import destroy_process_group_at_exit, sparse_teacher
 
 
 def _unwrap(model):
@@ -67,6 +67,9 @@ class KDLossMixin:
             # shards instead of rank 0 reading all and slicing batches along dim 0.
             targs.accelerator_config.dispatch_batches = False
         super().__init__(*args, **kwargs)
+        # Trainer (accelerate) joins torchrun's process group but never leaves it; a gloo
+        # group left to interpreter exit can abort a finished rank (train/trainer.py)
+        destroy_process_group_at_exit()
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

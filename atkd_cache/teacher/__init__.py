@@ -28,3 +28,4 @@ class Teacher:
     revision: str | None = None
     max_length: int | None = None  # tokens the teacher takes in one sequence, if it says
     extra: dict | None = None  # what the card's `extra` records of it (a served teacher's engine)
+    probe: list[float] | None = None  # a served teacher's numeric fingerprint (card.teacher_probe)

@@ -52,6 +52,21 @@ def isolate_rank(local_rank: int, tensor_parallel_size: int) -> None:
             )
 
 
+def engine_in_this_process() -> None:
+    """Run vLLM's engine core inside this process instead of a child process.
+
+    By default `vllm.LLM` starts a `VLLM::EngineCore` process (and under it a `VLLM::Worker`)
+    that does not watch its parent: a dump killed with -9 left both running as orphans that
+    ignore SIGTERM, holding their memory (RAM on CPU, the GPU's on CUDA) until killed by
+    hand, and a resume could not get it back. In-process, nothing outlives the dump; with
+    tensor parallelism the executor's workers are our children and exit when their death
+    pipe to us closes. The cost is the overlap of request handling with the model step that
+    the separate process buys; a user who sets VLLM_ENABLE_V1_MULTIPROCESSING keeps theirs."""
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 def ranked_entries(entries, targets: np.ndarray, k: int):
     """(log-prob of each target, top-k ids, top-k log-probs) from one dict per target of
     {token id: entry with .logprob and .rank}: the target plus ranks 1..k (the offline
@@ -138,6 +153,7 @@ class VllmTeacher:
             seed=0,
         )
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        engine_in_this_process()
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:  # vLLM raises many types for bad models and settings

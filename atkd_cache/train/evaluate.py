@@ -14,6 +14,15 @@ On prompt/response or chat data: greedy replies scored by ROUGE-L F1 (Google's r
 package, with stemming) against the references; with a teacher, also against the teacher's
 own greedy replies (rouge_l_to_teacher), and teacher_logprob: the teacher's mean log-prob per
 token of the student's reply (its tokens up to and including EOS), averaged over prompts.
+What a reply's shape says (the failures the study found: replies that loop and never stop),
+for the student and the teacher alike:
+  reply_tokens       generated tokens per reply (an EOS that ends it included)
+  stop_rate          share of replies that end with an EOS within --max-new-tokens
+  distinct_3         distinct 3-gram share of a reply's tokens (distinct / all 3-grams, EOS
+                     excluded; 1 = no 3-gram repeats, a loop drives it towards 0), averaged
+                     over replies of >= 3 tokens
+--samples writes, per prompt, the replies as text and as token ids (`<role>_ids`), so every
+one of these can be recomputed.
 """
 
 from __future__ import annotations
@@ -181,7 +190,8 @@ def cache_metrics(
     return out
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
+def stop_ids(model, tokenizer) -> set[int]:
+    """The ids that end a reply: the model's generation EOS ids and the tokenizer's EOS."""
     eos = model.generation_config.eos_token_id
     ids = set([eos] if isinstance(eos, int) else list(eos or []))
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
@@ -194,7 +204,7 @@ def generate_reply_ids(
 ) -> list[list[int]]:
     """Greedy replies (left-padded batches) as token ids, up to and including the first EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
@@ -210,6 +220,30 @@ def generate_reply_ids(
             end = next((j for j, t in enumerate(reply) if t in stop), len(reply) - 1)
             out[i] = reply[: end + 1]
     return [out[i] for i in range(len(prompts))]
+
+
+def distinct_ngram_share(ids: list[int], n: int = 3) -> float:
+    """Distinct n-grams / all n-grams of a token sequence; NaN when it has none."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def reply_shape(replies: list[list[int]], stop_ids: set[int]) -> dict[str, list[float]]:
+    """Per reply (token ids as generated, up to and including a stop id): its length, whether
+    it stopped (ends with a stop id), and its distinct 3-gram share without the stop id."""
+    stopped = [bool(r) and r[-1] in stop_ids for r in replies]
+    return {"reply_tokens": [float(len(r)) for r in replies],
+            "stopped": [float(s) for s in stopped],
+            "distinct_3": [distinct_ngram_share(r[:-1] if s else r)
+                           for r, s in zip(replies, stopped, strict=True)]}
+
+
+def shape_summary(shape: dict[str, list[float]]) -> dict[str, float]:
+    """Means over replies: reply_tokens, stop_rate, distinct_3 (over replies that have one)."""
+    distinct = [v for v in shape["distinct_3"] if not math.isnan(v)]
+    return {"reply_tokens": float(np.mean(shape["reply_tokens"])),
+            "stop_rate": float(np.mean(shape["stopped"])),
+            "distinct_3": float(np.mean(distinct)) if distinct else float("nan")}
 
 
 def decode_replies(tokenizer, replies: list[list[int]]) -> list[str]:
@@ -319,7 +353,10 @@ def evaluate(cfg: EvalConfig) -> dict:
                                                  cfg.gen_batch_size, cfg.device)
             replies = decode_replies(tokenizer, reply_ids[role])
             result[role]["rouge_l"] = rouge_l(replies, refs)
+            result[role].update(shape_summary(reply_shape(reply_ids[role],
+                                                          stop_ids(lm, tokenizer))))
             samples[role] = replies
+            samples[f"{role}_ids"] = reply_ids[role]
         if cfg.teacher is not None:  # the student's replies against the teacher's
             result["student"]["rouge_l_to_teacher"] = rouge_l(samples["student"],
                                                               samples["teacher"])

@@ -13,8 +13,10 @@ Run directory:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -144,6 +146,25 @@ class Dist:
         return t
 
 
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, if it still exists.
+
+    A gloo group left to interpreter finalisation can abort the process after its work is
+    done ("terminate called without an active exception", SIGABRT): its C++ threads still
+    hold tensors whose release needs the GIL while Python is being torn down (pytorch
+    #179291, #190489). An atexit handler runs while the interpreter is whole. Registered once
+    per process; a no-op when the group was already destroyed."""
+    atexit.register(_destroy_if_initialized)
+
+
+def _destroy_if_initialized() -> None:
+    # gloo only: destroying it is local to the process. An NCCL group's destroy can wait on
+    # ranks that failed (torchtitan #1342), and NCCL groups do not abort at exit.
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
 def setup_distributed(device: str) -> Dist:
     """Join the torchrun job if there is one: NCCL on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,6 +178,7 @@ def setup_distributed(device: str) -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=None)
+        destroy_process_group_at_exit()  # also when a rank fails before train()'s finally
     rank = dist.get_rank() if world > 1 else 0
     return Dist(rank=rank, world=world, device=dev)
 
