@@ -302,7 +302,12 @@ def validate(cfg: DumpConfig) -> None:
     rank, world, _ = resolve_rank(cfg)
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"rank {rank} of world size {world}: need 0 <= rank < world size")
-    if cfg.generate:
+    if cfg.generate:  # (checks that need only the flags: before any data is read)
+        if cfg.data.shape == "text":
+            raise UserError("--generate needs prompts: give --prompt-field (with --template) "
+                            "or --messages-field, not plain text")
+        if cfg.data.shape == "prompt_response" and not cfg.data.prompt_field:
+            raise UserError("--generate with prompt/response data needs --prompt-field")
         if cfg.num_responses < 1:
             raise UserError(f"--num-responses must be at least 1, got {cfg.num_responses}")
         if cfg.max_new_tokens < 1:

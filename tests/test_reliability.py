@@ -104,6 +104,8 @@ CASES = {
                                 "exists and is not an atkd-cache cache"),
     "dump/missing-model": (lambda w: dump_args(w, w["text"], w["p"] / "o6", "--model",
                                                "/nope/model"), "/nope/model does not exist"),
+    "dump/generate-plain-text": (lambda w: dump_args(w, w["text"], w["p"] / "o7", "--generate"),
+                                 "--generate needs prompts: give --prompt-field"),
     "info/not-a-cache": (lambda w: ["info", str(w["p"] / "not-a-cache")],
                          "is not an atkd-cache cache"),
     "info/a-file": (lambda w: ["info", str(w["p"] / "a-file")],
@@ -190,6 +192,15 @@ CASES = {
     "evaluate/missing-chunk": (lambda w: ["evaluate", "--model", w["llama"], "--cache",
                                           str(w["p"] / "damaged")],
                                "shard-000001/topk_logprobs: differs from its sha256"),
+    "evaluate/caches-of-other-data": (
+        lambda w: ["evaluate", "--model", w["llama"], "--cache", str(w["p"] / "cache"),
+                   "--cache", str(w["p"] / "fewer"), "--data", w["chat"],
+                   "--messages-field", "messages"],
+        "hold different data (data fingerprint"),
+    "evaluate/teacher-weights-count": (
+        lambda w: ["evaluate", "--model", w["llama"], "--cache", str(w["p"] / "cache"),
+                   "--cache", str(w["p"] / "cache"), "--teacher-weights", "1,2,3"],
+        "--teacher-weights: 3 teacher weights for 2 caches: give one per cache"),
     "evaluate/json-is-folder": (lambda w: ["evaluate", "--model", w["llama"], "--cache",
                                            str(w["p"] / "cache"), "--json", str(w["p"])],
                                 "is a folder: give a file path"),
@@ -208,10 +219,19 @@ CASES = {
 }
 
 
+# Refusals whose check needs only the flags or the caches' cards: nothing but the one line is
+# printed (no model-loading or dataset-generating progress bar before it).
+ONLY_THE_LINE = ("dump/generate-plain-text", "evaluate/caches-of-other-data",
+                 "evaluate/teacher-weights-count", "train/caches-of-other-data",
+                 "train/teacher-weights-count")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gets_one_line(w, case):
     build, expect = CASES[case]
     r = CliRunner().invoke(main, build(w))
+    if case in ONLY_THE_LINE:
+        assert len(r.output.strip().splitlines()) == 1, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit), r.output
     assert "Traceback" not in r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
@@ -228,7 +248,7 @@ def test_bad_input_gets_one_line(w, case):
 
 def test_nothing_half_written_by_the_failures(w):
     p = w["p"]
-    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "j1", "j2", "j3", "j4", "s1", "s2"):
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "j1", "j2", "j3", "j4", "s1", "s2"):
         assert not (p / name / "manifest.parquet").exists() and not (p / name / "model").exists()
     for name in ("x1", "x2"):  # export: the folder appears complete or not at all
         assert not (p / name).exists()

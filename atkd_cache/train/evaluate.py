@@ -122,6 +122,22 @@ def teacher_top1(t: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
     return t.sample_ids.gather(1, col[:, None])[:, 0], best / counts.sum(1).clamp(min=1.0)
 
 
+def open_eval_caches(paths: list[str], loss_cfg: LossConfig | None):
+    """The caches to evaluate on, refused in one line when they cannot be read together
+    (other data, tokenizers; a teacher weight per cache), and the loss config that joins
+    them (labelled at the first cache's hard ratio, as dump-teacher labels a cache)."""
+    caches = [open_cache(p) for p in paths]
+    check_joinable(caches)
+    if len(caches) > 1:
+        try:
+            normalise_weights((loss_cfg or LossConfig()).teacher_weights, len(caches))
+        except ValueError as e:
+            raise UserError(f"--teacher-weights: {e}") from None
+        loss_cfg = dataclasses.replace(loss_cfg or LossConfig(),
+                                       hard_ratio=caches[0].card.hard_ratio)
+    return caches, loss_cfg
+
+
 @torch.no_grad()
 def cache_metrics(
     model, cache: str | list[str], device: str = "cpu", batch_tokens: int = 8192,
@@ -134,15 +150,7 @@ def cache_metrics(
     net = RowLogits(model).eval()
     width = logits_width(model)
     paths = [cache] if isinstance(cache, str) else list(cache)
-    caches = [open_cache(p) for p in paths]
-    check_joinable(caches)
-    if len(caches) > 1:  # the joined teacher is labelled as dump-teacher labels a cache
-        try:
-            normalise_weights((loss_cfg or LossConfig()).teacher_weights, len(caches))
-        except ValueError as e:
-            raise UserError(f"--teacher-weights: {e}") from None
-        loss_cfg = dataclasses.replace(loss_cfg or LossConfig(),
-                                       hard_ratio=caches[0].card.hard_ratio)
+    caches, loss_cfg = open_eval_caches(paths, loss_cfg)
     dataset = CacheDataset(paths, LoaderConfig(batch_tokens=batch_tokens, shuffle=False,
                                                num_workers=0))
     student, teacher = _Tally.empty(), _Tally.empty()
@@ -326,6 +334,9 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the configured evaluations; returns {"student": {...}, "teacher": {...}, ...}."""
     cfg.device = resolve_device(cfg.device)
+    if cfg.cache:  # refuse caches that cannot be read together before any model loads
+        open_eval_caches([cfg.cache] if isinstance(cfg.cache, str) else list(cfg.cache),
+                         cfg.loss)
     model = load_causal_lm(cfg.model, dtype="fp32", device=cfg.device,
                            trust_remote_code=cfg.trust_remote_code)
     result: dict = {"model": cfg.model, "student": {}, "teacher": {}}
