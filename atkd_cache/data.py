@@ -1,6 +1,11 @@
 """Input data: load rows with `datasets`, tokenize them into sequences with a supervised mask.
 
-Three shapes of data:
+Four shapes of data:
+  ids              token ids scored exactly as given, never re-tokenized (`--token-ids`):
+                   rows of `prompt_ids` + `completion_ids` (what `export --format responses`
+                   and on-policy rollouts write; the completion is supervised), or
+                   `input_ids` with an optional per-token `supervised` mask (token i is a
+                   target; default: every token after the first);
   text             every next-token position is supervised;
   prompt_response  the template renders the prompt, the response (+ EOS) is appended; only
                    positions whose next token is in the response are supervised;
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atkd_cache.errors import UserError, first_line
-from atkd_cache.fingerprint import add_sequence
+from atkd_cache.fingerprint import add_sequence, tokenizer_fingerprint
 
 FILE_BUILDERS = {
     ".json": "json",
@@ -46,10 +51,14 @@ class DataSpec:
     messages_field: str | None = None
     max_length: int | None = None
     limit: int | None = None
+    token_ids: bool = False  # rows hold token ids (the "ids" shape; fields found by load_rows)
+    ids_fields: tuple[str, ...] = ()  # ("prompt_ids", "completion_ids") or ("input_ids", ...)
 
     @property
     def shape(self) -> str:
-        """Which of the three data shapes this spec selects."""
+        """Which of the four data shapes this spec selects."""
+        if self.token_ids:
+            return "ids"
         if self.messages_field:
             return "chat"
         if self.prompt_field or self.response_field:
@@ -58,6 +67,8 @@ class DataSpec:
 
     def fields(self) -> dict[str, str]:
         """The dataset fields this spec reads."""
+        if self.token_ids:
+            return {name: name for name in self.ids_fields}
         names = {
             "text": self.text_field,
             "prompt": self.prompt_field,
@@ -144,6 +155,8 @@ def load_rows(spec: DataSpec, need_response: bool = True):
                 f"field {name!r} is not in dataset {src} (columns: "
                 f"{', '.join(ds.column_names)}); pick one with the --*-field options"
             )
+    if spec.shape == "ids" and not spec.ids_fields:
+        spec.ids_fields = ids_layout(ds.column_names, src)
     if need_response and spec.shape == "prompt_response" and not (
             spec.prompt_field and spec.response_field):
         raise UserError("prompt/response data needs both --prompt-field and --response-field")
@@ -158,6 +171,17 @@ def load_rows(spec: DataSpec, need_response: bool = True):
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     return ds
+
+
+def ids_layout(columns: list[str], source: str) -> tuple[str, ...]:
+    """Which token-id fields a `--token-ids` dataset holds (prompt/completion ids first)."""
+    if "prompt_ids" in columns and "completion_ids" in columns:
+        return ("prompt_ids", "completion_ids")
+    if "input_ids" in columns:
+        return ("input_ids", "supervised") if "supervised" in columns else ("input_ids",)
+    raise UserError(f"--token-ids: {source} has neither prompt_ids + completion_ids nor "
+                    f"input_ids (columns: {', '.join(columns)}): write token ids under those "
+                    f"names (export --format responses does)")
 
 
 def _check_not_empty(path: str) -> None:
@@ -330,7 +354,55 @@ def teacher_prompts(rows, tokenizer, spec: DataSpec) -> tuple[list[tuple[int, li
     return out, digest.hexdigest()
 
 
+def _id_list(row: dict, name: str, seq_id: int, spec: DataSpec, vocab: int) -> list[int]:
+    """A field of token ids: a list of ints in [0, vocab), else one line naming the row."""
+    value = row[name]
+    where = f"{spec.source}: row {seq_id} (counting from 0), field {name!r}"
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{where} is not a list of integer token ids: fix or drop it")
+    bad = [v for v in value if not 0 <= v < vocab]
+    if bad:
+        raise UserError(f"{where} holds token id {bad[0]}, outside the tokenizer's {vocab} ids:"
+                        f" the ids were written with another tokenizer, or are damaged")
+    return value
+
+
+def _ids_example(tokenizer, row: dict, spec: DataSpec, seq_id: int) -> tuple[list[int], list]:
+    vocab = len(tokenizer)
+    if spec.ids_fields[0] == "prompt_ids":
+        prompt = _id_list(row, "prompt_ids", seq_id, spec, vocab)
+        completion = _id_list(row, "completion_ids", seq_id, spec, vocab)
+        if not prompt or not completion:
+            raise UserError(f"{spec.source}: row {seq_id} (counting from 0) has an empty "
+                            f"{'prompt' if not prompt else 'completion'}: nothing to score; "
+                            f"drop it")
+        return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+    ids = _id_list(row, "input_ids", seq_id, spec, vocab)
+    if "supervised" not in spec.ids_fields:
+        return ids, [False] + [True] * (len(ids) - 1)
+    mask = row["supervised"]
+    if not isinstance(mask, list) or len(mask) != len(ids) or not all(
+            isinstance(v, (bool, int)) for v in mask):
+        raise UserError(f"{spec.source}: row {seq_id} (counting from 0): 'supervised' must be "
+                        f"one true/false per token of input_ids ({len(ids)}): fix or drop it")
+    if mask and mask[0]:
+        raise UserError(f"{spec.source}: row {seq_id} (counting from 0) marks its first token "
+                        f"supervised, but nothing predicts a first token: set it false")
+    return ids, [bool(v) for v in mask]
+
+
+def _check_written_by(row: dict, ours: str, spec: DataSpec, seq_id: int) -> None:
+    """Refuse ids a row says another tokenizer wrote (its `tokenizer_fingerprint`, if any)."""
+    theirs = row.get("tokenizer_fingerprint")
+    if theirs is not None and theirs != ours:
+        raise UserError(f"{spec.source}: row {seq_id} (counting from 0) was written with "
+                        f"another tokenizer ({str(theirs)[:19]}…, this one is {ours[:19]}…): "
+                        f"score it with the tokenizer that wrote it")
+
+
 SHAPES = {
+    "ids": _ids_example,
     "text": _text_example,
     "prompt_response": _prompt_response_example,
     "chat": _chat_example,
@@ -348,9 +420,16 @@ def tokenize_rows(rows, tokenizer, spec: DataSpec) -> tuple[list[TokenizedSequen
     stats = TokenizeStats()
     digest = hashlib.sha256()
     out: list[TokenizedSequence] = []
+    ours = tokenizer_fingerprint(tokenizer) if spec.shape == "ids" else None
     for seq_id, row in enumerate(rows):
         stats.examples += 1
+        if ours is not None:
+            _check_written_by(row, ours, spec, seq_id)
         ids, token_mask = build(tokenizer, row, spec, seq_id)
+        if spec.shape == "ids" and spec.max_length is not None and len(ids) > spec.max_length:
+            raise UserError(f"{spec.source}: row {seq_id} (counting from 0) has {len(ids)} "
+                            f"token ids, over --max-length {spec.max_length}: given ids are "
+                            f"scored as they are, never cut; raise --max-length or drop it")
         if spec.max_length is not None and len(ids) > spec.max_length:
             ids, token_mask = ids[: spec.max_length], token_mask[: spec.max_length]
             stats.truncated += 1

@@ -302,6 +302,13 @@ def validate(cfg: DumpConfig) -> None:
     rank, world, _ = resolve_rank(cfg)
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"rank {rank} of world size {world}: need 0 <= rank < world size")
+    if cfg.data.token_ids and (cfg.data.text_field or cfg.data.prompt_field or
+                               cfg.data.response_field or cfg.data.messages_field):
+        raise UserError("--token-ids reads prompt_ids/completion_ids or input_ids: drop the "
+                        "--*-field options")
+    if cfg.data.token_ids and cfg.generate:
+        raise UserError("--token-ids scores given replies; --generate writes new ones: pass "
+                        "one of them")
     if cfg.generate:  # (checks that need only the flags: before any data is read)
         if cfg.data.shape == "text":
             raise UserError("--generate needs prompts: give --prompt-field (with --template) "

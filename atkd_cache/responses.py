@@ -8,6 +8,8 @@ One line per cached sequence, in cache order:
     prompt_ids, completion_ids   the exact token ids (the completion's EOS included), so a
                   tool that takes ids never re-tokenizes the text (axolotl #2692)
     truncated     true when the reply has no EOS within the card's max_new_tokens
+    tokenizer_fingerprint   the cache's tokenizer fingerprint: `dump-teacher --token-ids`
+                  scores these ids only with a tokenizer of the same fingerprint
 Within atkd-cache itself, `train-student --loss ce --cache GENERATED` is the same SFT on the
 exact tokens with no export at all.
 """
@@ -40,7 +42,8 @@ def response_rows(cache, tokenizer=None):
             text = reply if truncated else reply[:-1]
             row["prompt"] = tokenizer.decode(prompt, skip_special_tokens=False)
             row["completion"] = tokenizer.decode(text, skip_special_tokens=False)
-        row.update(prompt_ids=prompt, completion_ids=reply, truncated=truncated)
+        row.update(prompt_ids=prompt, completion_ids=reply, truncated=truncated,
+                   tokenizer_fingerprint=cache.card.tokenizer_fingerprint)
         yield row
 
 

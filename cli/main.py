@@ -62,7 +62,11 @@ def main() -> None:
 @click.option("--response-field", default=None, help="Prompt/response: response column.")
 @click.option("--template", default=None, help="Prompt template with {prompt}.")
 @click.option("--messages-field", default=None, help="Chat: list of {role, content}.")
-@click.option("--max-length", type=int, default=None, help="Truncate to N tokens.")
+@click.option("--token-ids", is_flag=True, default=False,
+              help="Rows hold token ids, scored as given: prompt_ids + completion_ids (export "
+                   "--format responses), or input_ids [+ supervised per token].")
+@click.option("--max-length", type=int, default=None,
+              help="Truncate to N tokens (--token-ids: refuse longer rows).")
 @click.option("--limit", type=int, default=None, help="Use only the first N examples.")
 @click.option("--top-k", type=int, default=32, show_default=True, help="Top-k mode: ids kept.")
 @click.option("--mode", type=click.Choice(["topk", "sampled"]), default="topk",
@@ -135,7 +139,7 @@ def dump_teacher_cmd(**kw) -> None:
         source=kw.pop("source"), split=kw.pop("split"), text_field=kw.pop("text_field"),
         prompt_field=kw.pop("prompt_field"), response_field=kw.pop("response_field"),
         template=kw.pop("template"), messages_field=kw.pop("messages_field"),
-        max_length=kw.pop("max_length"), limit=kw.pop("limit"),
+        max_length=kw.pop("max_length"), limit=kw.pop("limit"), token_ids=kw.pop("token_ids"),
     )
     if kw["batch_size"] is None and kw["batch_tokens"] is None:
         kw["batch_size"] = 8

@@ -192,7 +192,7 @@ class CacheCard:
     temperature: float
     data_source: str
     data_split: str | None
-    data_shape: str  # "text" | "prompt_response" | "chat"
+    data_shape: str  # "text" | "prompt_response" | "chat" | "ids" (given token ids)
     data_fields: dict[str, str]
     data_template: str | None
     data_limit: int | None
