@@ -283,6 +283,8 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--beta", type=float, default=0.5, show_default=True, help="jsd beta.")
 @click.option("--skew", type=float, default=0.1, show_default=True, help="skl/srkl alpha.")
+@click.option("--discount", type=float, default=1.0, show_default=True,
+              help="rkl-tokens: discount of the per-token terms' returns (1 = exact).")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True,
               help="Padded (or packed) tokens per micro-batch.")
 @click.option("--pack", is_flag=True, default=False, help="Pack sequences into one row.")
@@ -337,7 +339,7 @@ def train_student_cmd(**kw) -> None:
         hard_ratio=kw.pop("hard_ratio"), split=kw.pop("split_scope"), tail=kw.pop("tail"),
         ce_weight=kw.pop("ce_weight"), temperature=kw.pop("temperature"),
         beta=kw.pop("beta"), skew=kw.pop("skew"), mix=kw.pop("mix"),
-        teacher_weights=parse_weights(kw.pop("teacher_weights")),
+        teacher_weights=parse_weights(kw.pop("teacher_weights")), discount=kw.pop("discount"),
     )
     caches = list(kw.pop("cache"))
     kw["cache"] = caches[0] if len(caches) == 1 else caches

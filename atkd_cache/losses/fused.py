@@ -113,6 +113,18 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
+@torch.no_grad()
+def target_logprobs(hidden, weight, bias, softcap, target_ids, rows: int) -> torch.Tensor:
+    """log q(target) of every row, one chunk of logits at a time (no graph)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32 if hidden.dtype != torch.float64
+                      else torch.float64, device=hidden.device)
+    for lo in range(0, hidden.shape[0], rows):
+        z = head_logits(hidden[lo:lo + rows], weight, bias, softcap).to(out.dtype)
+        out[lo:lo + rows] = (z.gather(1, target_ids[lo:lo + rows, None])[:, 0]
+                             - torch.logsumexp(z, dim=-1))
+    return out
+
+
 def fused_kd_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -130,9 +142,14 @@ def fused_kd_loss(
     cfg.check()
     n, v = hidden.shape[0], weight.shape[0]
     work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    groups = row_groups(teacher, cfg, n, work, row_mask, group_offsets)
+    lq = None
+    if cfg.loss == "rkl-tokens":  # its row weights need log q(y_t) first: one pass, no grad
+        rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
+        lq = target_logprobs(hidden, weight, bias, softcap, teacher.target_ids, rows)
+    groups = row_groups(teacher, cfg, n, work, row_mask, group_offsets, student_logprob=lq)
     weights = term_weights(groups, cfg)
-    names = {"ce": ["ce"], "kd": ["ce", cfg.base], "atkd": ["ce", "tkd", "dkd"]}[cfg.loss]
+    names = {"ce": ["ce"], "kd": ["ce", cfg.base], "atkd": ["ce", "tkd", "dkd"],
+             "rkl-tokens": ["ce"]}[cfg.loss]
     rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
     loss, terms = _FusedHeadLoss.apply(hidden, weight, bias, teacher, cfg, weights, names,
                                        softcap, rows)

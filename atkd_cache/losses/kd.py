@@ -19,6 +19,7 @@ import torch
 from atkd_cache.losses.bucket import BucketedPair, bucketize
 from atkd_cache.losses.divergences import DIVERGENCES, divergence
 from atkd_cache.losses.names import LOSSES, MIXES, SPLITS
+from atkd_cache.losses.onpolicy import rkl_token_weights
 from atkd_cache.losses.sampled import sampled_terms
 from atkd_cache.split import hard_labels, hard_labels_grouped
 
@@ -49,7 +50,7 @@ class SparseTeacher:
 class LossConfig:
     """Which loss and its knobs (defaults are the paper's / official code's)."""
 
-    loss: str = "atkd"  # atkd | kd (a plain divergence) | ce
+    loss: str = "atkd"  # atkd | kd (a plain divergence) | ce | rkl-tokens (on-policy)
     base: str = "fkl"  # fkl | rkl | jsd | tvd | skl | srkl
     alpha: float = 0.2  # ATKD weight of the easy tokens' DKD
     beta: float = 0.5  # jsd
@@ -63,6 +64,9 @@ class LossConfig:
     # several teachers (losses/teachers.py): how they join, and their weights (None: equal)
     mix: str = "mixture"
     teacher_weights: tuple[float, ...] | None = None
+    # rkl-tokens (losses/onpolicy.py): the discount of the per-token terms' returns (1: the
+    # exact sequence-level reverse-KL gradient; 0: tinker-cookbook's frozen-prefix form)
+    discount: float = 1.0
 
     def check(self) -> None:
         """Raise ValueError on an unknown or out-of-range setting."""
@@ -72,7 +76,7 @@ class LossConfig:
             raise ValueError(f"base must be one of {', '.join(DIVERGENCES)}, got {self.base!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        for name in ("alpha", "beta", "skew", "hard_ratio"):
+        for name in ("alpha", "beta", "skew", "hard_ratio", "discount"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -160,7 +164,7 @@ def sampled_row_terms(
     cfg.check_sampled()
     if cfg.loss != "ce" and teacher.entropy is None:
         raise ValueError("a sampled teacher needs the cached entropy")
-    want = {"ce": "ce", "kd": "fkl", "atkd": "atkd"}[cfg.loss]
+    want = {"ce": "ce", "kd": "fkl", "atkd": "atkd", "rkl-tokens": "ce"}[cfg.loss]
     return sampled_terms(
         logits, teacher.sample_ids, teacher.sample_counts, teacher.target_ids,
         teacher.target_logprob, teacher.entropy, want, cfg.chunk_rows,
@@ -202,16 +206,28 @@ class RowGroups:
     weight: torch.Tensor  # [N]
     easy: torch.Tensor | None = None  # [N], weight * easy label
     hard: torch.Tensor | None = None
+    # rkl-tokens: each row's (detached) return rho * G_t and reverse-KL term rho * d_t
+    returns: torch.Tensor | None = None
+    rkl: torch.Tensor | None = None
 
 
 def row_groups(
     teacher: SparseTeacher, cfg: LossConfig, n: int, work: torch.dtype,
     row_mask: torch.Tensor | None = None, group_offsets: torch.Tensor | list[int] | None = None,
+    student_logprob: torch.Tensor | None = None,
 ) -> RowGroups:
-    """The row groups of a loss: they depend on the teacher only (never on the student)."""
+    """The row groups of a loss: they depend on the teacher only, except rkl-tokens' returns,
+    which need the student's (detached) log-prob of each target, `student_logprob`."""
     weight = torch.ones(n, dtype=work, device=teacher.target_ids.device)
     if row_mask is not None:
         weight = weight * row_mask.to(work)
+    if cfg.loss == "rkl-tokens":
+        if student_logprob is None or group_offsets is None:
+            raise ValueError("loss rkl-tokens needs the student's target log-probs and the "
+                             "replies' group_offsets")
+        returns, rkl = rkl_token_weights(student_logprob, teacher.target_logprob,
+                                         group_offsets, cfg.discount)
+        return RowGroups(weight, returns=returns.to(work), rkl=rkl.to(work))
     if cfg.loss != "atkd":
         return RowGroups(weight)
     is_hard = hard_mask(teacher, cfg, group_offsets)
@@ -225,6 +241,9 @@ def combine(terms: dict[str, torch.Tensor], groups: RowGroups, cfg: LossConfig) 
     parts: dict[str, torch.Tensor] = {"ce": ce.detach(), "tokens": weight.sum().detach()}
     if cfg.loss == "ce":
         loss = ce
+    elif cfg.loss == "rkl-tokens":  # sum_rows sg(rho G_t) log q(y_t) / N
+        loss = -_masked_mean(groups.returns * terms["ce"], weight)
+        parts["rkl_tokens"] = _masked_mean(groups.rkl, weight).detach()
     elif cfg.loss == "kd":
         loss = _masked_mean(terms[cfg.base], weight)
         parts[cfg.base] = loss.detach()
@@ -253,6 +272,11 @@ def term_weights(groups: RowGroups, cfg: LossConfig) -> dict[str, torch.Tensor]:
 
     if cfg.loss == "ce":
         return {"ce": share(groups.weight)}
+    if cfg.loss == "rkl-tokens":
+        out = {"ce": -groups.returns * share(groups.weight)}
+        if cfg.ce_weight:
+            out["ce"] = out["ce"] + cfg.ce_weight * share(groups.weight)
+        return out
     if cfg.loss == "kd":
         out = {cfg.base: share(groups.weight)}
     else:
@@ -277,5 +301,5 @@ def kd_loss(
     cfg.check()
     terms = row_terms(logits, teacher, cfg)
     groups = row_groups(teacher, cfg, logits.shape[0], terms["ce"].dtype, row_mask,
-                        group_offsets)
+                        group_offsets, student_logprob=-terms["ce"].detach())
     return combine(terms, groups, cfg)

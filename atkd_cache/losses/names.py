@@ -1,7 +1,7 @@
 """The names of the losses and their options, without importing torch (the CLI lists them
 as choices, and `atkd-cache --help` should not wait for torch to load)."""
 
-LOSSES = ("atkd", "kd", "ce")
+LOSSES = ("atkd", "kd", "ce", "rkl-tokens")  # rkl-tokens: on-policy, losses/onpolicy.py
 BASES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")  # the divergences, in docs order
 SPLITS = ("cache", "sequence", "batch")
 TAILS = ("bucket", "renorm")
