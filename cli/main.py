@@ -12,7 +12,7 @@ import click
 
 from atkd_cache.errors import UserError
 from atkd_cache.losses.names import BASES, LOSSES, MIXES, SPLITS, TAILS
-from atkd_cache.study_config import StudyConfig, study_config
+from atkd_cache.recipes.study_config import StudyConfig, study_config
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -480,7 +480,7 @@ def _comma_list(kind):
 @user_errors
 def study_cmd(demo: bool, smoke: bool, **values) -> None:
     """Does ATKD help? The study of docs/study.md (resumes from its results file)."""
-    from atkd_cache.study import quiet_transformers, run_study
+    from atkd_cache.recipes.study import quiet_transformers, run_study
 
     preset = "+".join(name for name, on in (("demo", demo), ("smoke", smoke)) if on)
     quiet_transformers()
@@ -498,7 +498,7 @@ def study_cmd(demo: bool, smoke: bool, **values) -> None:
 @user_errors
 def study_report_cmd(results: str, v1: str, demo: str, docs: bool) -> None:
     """Print the study's report from its results file (every figure printed by code)."""
-    from atkd_cache.study_report import blocks, write_docs
+    from atkd_cache.recipes.study_report import blocks, write_docs
 
     click.echo(write_docs(results, v1, demo) if docs else blocks(results, v1, demo)["report"])
 

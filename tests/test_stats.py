@@ -1,4 +1,4 @@
-"""The study's paired statistics (atkd_cache/stats.py) against what they must equal."""
+"""The study's paired statistics (atkd_cache/recipes/stats.py) against what they must equal."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from atkd_cache.stats import POWER_Z, paired_bootstrap, verdict
+from atkd_cache.recipes.stats import POWER_Z, paired_bootstrap, verdict
 
 
 def test_bootstrap_se_matches_the_formula_for_independent_noise():
@@ -43,7 +43,7 @@ def test_nan_prompts_are_left_out_and_one_seed_still_has_prompt_noise():
 
 
 def test_verdict_words_follow_the_interval_and_the_smallest_effect():
-    from atkd_cache.stats import Paired
+    from atkd_cache.recipes.stats import Paired
 
     def at(low, high):
         return Paired(mean=(low + high) / 2, low=low, high=high, se=(high - low) / 3.92,
@@ -58,7 +58,7 @@ def test_verdict_words_follow_the_interval_and_the_smallest_effect():
 def test_seed_interval_is_the_t_interval():
     """Per-seed differences: the mean, the 95 % Student-t interval and the t-based MDE,
     against the formula; one seed gives no interval."""
-    from atkd_cache.stats import seed_interval
+    from atkd_cache.recipes.stats import seed_interval
 
     d = np.array([0.10, -0.02, 0.05, 0.07, 0.01])
     p = seed_interval(d)

@@ -1,4 +1,4 @@
-"""The study (atkd_cache/study.py, second design) end to end at smoke size on the real
+"""The study (atkd_cache/recipes/study.py, second design) end to end at smoke size on the real
 teacher and data, its report recomputed here from the raw per-prompt scores, and the docs'
 generated blocks checked against the committed results files (figures printed by code)."""
 
@@ -17,10 +17,10 @@ import pytest
 
 from atkd_cache import assets
 from atkd_cache.errors import UserError
-from atkd_cache.stats import POWER_Z, Paired, verdict
-from atkd_cache.study import run_key, run_study
-from atkd_cache.study_config import SMOKE, StudyConfig
-from atkd_cache.study_report import blocks, format_report, summarize
+from atkd_cache.recipes.stats import POWER_Z, Paired, verdict
+from atkd_cache.recipes.study import run_key, run_study
+from atkd_cache.recipes.study_config import SMOKE, StudyConfig
+from atkd_cache.recipes.study_report import blocks, format_report, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_reading_words_each_direction_from_its_sign():
     'behind' to 'ahead of', and the stopping counts are recomputed from the records."""
     import copy
 
-    from atkd_cache.study_report import reading, stopping, words
+    from atkd_cache.recipes.study_report import reading, stopping, words
 
     doc = json.loads((ROOT / "docs" / "study_results.json").read_text())
     st = stopping(doc)
@@ -176,7 +176,7 @@ def test_v1_figures_the_recomputation_corrected():
 def test_presets_and_flags_build_the_config():
     """`atkd-cache study --demo/--smoke` and its flags: a flag beats the preset, an unset
     flag (None) keeps it, and the smoke size never works in the full study's folder."""
-    from atkd_cache.study_config import DEMO, study_config
+    from atkd_cache.recipes.study_config import DEMO, study_config
 
     assert study_config() == StudyConfig()
     demo = study_config("demo", seeds=[3], layers=None)

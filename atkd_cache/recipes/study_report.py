@@ -19,7 +19,7 @@ import re
 import numpy as np
 
 from atkd_cache.errors import UserError, first_line
-from atkd_cache.stats import T_975, Paired, paired_bootstrap, seed_interval, verdict
+from atkd_cache.recipes.stats import T_975, Paired, paired_bootstrap, seed_interval, verdict
 
 # per-prompt metrics (higher is better for the first three; the reply's shape is descriptive:
 # its length, whether it ended with EOS within the budget, its distinct 3-gram share).

@@ -45,7 +45,7 @@ from atkd_cache.dump import DumpConfig, dump_teacher
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import weights_hash
 from atkd_cache.losses.kd import LossConfig
-from atkd_cache.study_config import ARMS, EXAMPLES, SETTINGS, StudyConfig
+from atkd_cache.recipes.study_config import ARMS, EXAMPLES, SETTINGS, StudyConfig
 from atkd_cache.train.evaluate import (
     cache_metrics,
     decode_replies,
@@ -441,7 +441,7 @@ def grid(st: Stage) -> dict[str, float]:
 def run_study(cfg: StudyConfig, log=print) -> dict:
     """Run (or continue) every stage; returns the results document."""
     from atkd_cache.models import load_tokenizer
-    from atkd_cache.study_report import write_report
+    from atkd_cache.recipes.study_report import write_report
 
     unknown = [a for a in cfg.arms if a not in ARMS] + [s for s in cfg.settings
                                                         if s not in SETTINGS]
