@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -99,6 +99,8 @@ class DumpConfig:
     max_new_tokens: int = 256
     greedy: bool = False
     seed: int = 0  # seeds every reply's token choices, per (seed, seq_id)
+    # provenance for the card's `extra` (outside the fingerprint), e.g. an on-policy round
+    extra: dict = field(default_factory=dict)
 
 
 def rank_from_env() -> tuple[int, int, int]:
@@ -521,8 +523,8 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
             )
     card = build_card(cfg, width, teacher.revision, tokenizer, stats.fingerprint, len(windows),
                       spec, teacher.probe)
-    if teacher.extra:  # provenance outside the fingerprint (e.g. which engine served it)
-        card.extra = {**card.extra, **teacher.extra}
+    if teacher.extra or cfg.extra:  # provenance outside the fingerprint (which engine
+        card.extra = {**card.extra, **(teacher.extra or {}), **cfg.extra}  # served it ...)
 
     unfinished = 0  # replies of this run without an EOS within max_new_tokens
     with CacheWriter(cfg.output, card, rank, world) as writer, ThreadPoolExecutor(1) as pool:

@@ -487,6 +487,67 @@ def study_cmd(demo: bool, smoke: bool, **values) -> None:
     run_study(study_config(preset, **values), log=click.echo)
 
 
+@main.command("on-policy")
+@click.option("--student", required=True, help="The start: an HF model folder.")
+@click.option("--teacher", required=True,
+              help="Teacher folder / hub id (--backend server: the served model name).")
+@click.option("--data", required=True, help="Prompts (chat rows or prompt rows).")
+@click.option("--output", "-o", required=True, help="Run folder (created, or resumed).")
+@click.option("--messages-field", default=None, help="Chat prompts: the messages column.")
+@click.option("--prompt-field", default=None, help="Prompt rows: the prompt column.")
+@click.option("--template", default=None, help="Prompt template with {prompt}.")
+@click.option("--max-length", type=int, default=None,
+              help="Refuse prompts that leave no room for --max-new-tokens within N.")
+@click.option("--rounds", type=int, default=1, show_default=True)
+@click.option("--prompts-per-round", type=int, default=64, show_default=True)
+@click.option("--num-responses", type=int, default=1, show_default=True,
+              help="Student replies per prompt.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Student sampling temperature.")
+@click.option("--rollout-backend", type=click.Choice(["hf", "vllm"]), default="hf",
+              show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "vllm", "server"]), default="hf",
+              show_default=True, help="How the teacher scores the replies.")
+@click.option("--url", "urls", multiple=True, help="--backend server: a server (repeat).")
+@click.option("--teacher-tokenizer", default=None,
+              help="--backend server: the served teacher's tokenizer folder.")
+@click.option("--top-k", type=int, default=32, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="fp32",
+              show_default=True, help="Teacher weights (hf, vllm).")
+@click.option("--loss", type=click.Choice(LOSSES), default="kd", show_default=True,
+              help="kd: forward KL over the teacher's top-k at the student's states; "
+                   "rkl-tokens: the per-token reverse-KL estimator (docs/losses.md section 8).")
+@click.option("--base", type=click.Choice(BASES), default="fkl", show_default=True)
+@click.option("--discount", type=float, default=1.0, show_default=True,
+              help="rkl-tokens: the returns' discount (1 = exact).")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-tokens", type=int, default=4096, show_default=True)
+@click.option("--checkpoint-every", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--start-cache", default=None,
+              help="Round 0: train on this off-policy cache first (Qwen3's recipe).")
+@click.option("--start-epochs", type=int, default=1, show_default=True)
+@click.option("--eval-data", default=None, help="Held-out prompts scored after every round.")
+@click.option("--eval-prompts", type=int, default=64, show_default=True)
+@click.option("--eval-teacher", default=None,
+              help="HF-loadable teacher for evaluation (default: --teacher).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--no-progress", is_flag=True, default=False)
+@user_errors
+def on_policy_cmd(**kw) -> None:
+    """On-policy distillation in rounds: the student writes, the teacher scores its exact
+    tokens into a cache, the student trains on it; repeat (resumes from the run folder)."""
+    from atkd_cache.losses.kd import LossConfig
+    from atkd_cache.recipes.on_policy import OnPolicyConfig, run_on_policy
+
+    loss = LossConfig(loss=kw.pop("loss"), base=kw.pop("base"), discount=kw.pop("discount"))
+    kw["progress"] = not kw.pop("no_progress")
+    kw["urls"] = tuple(kw["urls"])
+    run_on_policy(OnPolicyConfig(loss=loss, **kw), log=lambda m: click.echo(m, err=True))
+    click.echo(f"results: {kw['output']}/results.json")
+
+
 @main.command("study-report")
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 @click.option("--v1", default="docs/study_v1_results.json", show_default=True,
