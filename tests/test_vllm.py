@@ -578,3 +578,28 @@ def test_real_smollm2_served_equals_offline_vllm_and_hf(tmp_path_factory):
     assert verify_cache(served) == []
     for other in ("vllm", "hf"):
         assert_same_arrays(served, open_cache(root / other))
+
+
+def test_an_on_policy_round_scored_by_a_server_equals_the_in_process_round(
+        assets, teacher, server, tmp_path):
+    """atkd-cache on-policy with --backend server (the shared server of the same teacher)
+    writes the same round cache as with the teacher in process, within the parity
+    tolerance; the rollouts are the same (written by the same student with the same seeds)."""
+    student = str(tmp_path / "student")
+    tiny.build_tokenizer(student)
+    tiny.build_model(student, assets["vocab"], seed=1)
+    common = ["on-policy", "--student", student, "--data", assets["chat"], "--messages-field",
+              "messages", "--rounds", "1", "--prompts-per-round", "4", "--num-responses", "2",
+              "--max-new-tokens", "6", "--top-k", "8", "--batch-tokens", "64",
+              "--no-progress"]
+    runs = {"hf": ["--teacher", teacher],
+            "server": ["--teacher", SERVED, "--backend", "server", "--url", server,
+                       "--teacher-tokenizer", teacher]}
+    for name, extra in runs.items():
+        r = subprocess.run(CLI + common + ["-o", str(tmp_path / name), *extra], env=ENV,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    caches = {n: open_cache(tmp_path / n / "round-001" / "teacher") for n in runs}
+    assert caches["server"].card.backend == "server" and len(caches["server"]) == 8
+    assert_same_arrays(caches["server"], caches["hf"])
+    assert caches["server"].card.extra["on_policy"] == caches["hf"].card.extra["on_policy"]
