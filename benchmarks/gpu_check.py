@@ -13,7 +13,11 @@ ratios and writing one JSON (--out):
   6. generation with capture (dump-teacher --generate's sampler: top-32 + target + entropy
      per step) vs plain `generate` sampling, same prompts, same lengths (no EOS);
   7. joining two teachers' top-32 rows (each --mix) vs the fused ATKD head + loss at the same
-     rows (V = 49,152).
+     rows (V = 49,152);
+  8. one on-policy round (`atkd-cache on-policy`'s stages, in process): the student writes
+     the replies (the --generate sampler, top-1 + its own log-probs), the teacher scores
+     exactly those sequences (top-32), one fused training step on them with `kd` and with
+     `rkl-tokens`; seconds per stage.
 Time: CUDA-synchronised medians of 3 after 1 warm-up; memory: torch.cuda.max_memory_allocated
 above what was allocated before (on the CPU, smoke mode reports no memory).
 
@@ -334,6 +338,60 @@ def generation(size: dict, teacher, device) -> dict:
             "plain_tokens_per_s": tokens / base["seconds"]}
 
 
+def on_policy_round(size: dict, teacher, device) -> dict:
+    """Rollout (student, capture) -> scoring (teacher, top-k) -> one fused step per loss."""
+    g = np.random.default_rng(2)
+    vocab, k, n = size["teacher"]["vocab_size"], size["k"], size["gen_prompts"]
+    student = llama(size["student"], torch.float32, device)
+    student.generation_config.pad_token_id = 0
+    net = RowLogits(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    prompts = [Prompt(i, g.integers(3, vocab, size["gen_prompt_len"]).astype(np.int64))
+               for i in range(n)]
+    spec = GenerationSpec(temperature=1.0, max_new_tokens=size["gen_new_tokens"])
+    out: dict = {}
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        pairs = generate_outputs(student, prompts, spec, 1)
+    sync(device)
+    out["rollout_seconds"] = time.perf_counter() - t0
+    seqs = [q for q, _ in pairs]
+    t0 = time.perf_counter()
+    scored = teacher_outputs(teacher, seqs, k)
+    sync(device)
+    out["scoring_seconds"] = time.perf_counter() - t0
+    ids = torch.tensor(np.stack([q.input_ids for q in seqs]), device=device)
+    width = ids.shape[1]
+    rows = torch.cat([torch.nonzero(torch.from_numpy(q.supervised)).view(-1) + i * width
+                      for i, q in enumerate(seqs)]).to(device)
+    counts = [int(q.supervised.sum()) for q in seqs]
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), device=device)
+
+    def cat(name, dtype):
+        return torch.from_numpy(np.concatenate([o[name] for o in scored])).to(device, dtype)
+
+    rows_teacher = SparseTeacher(
+        topk_ids=cat("topk_ids", torch.long), topk_logprobs=cat("topk_logprobs", torch.float32),
+        target_ids=torch.from_numpy(np.concatenate([q.input_ids[1:][q.supervised]
+                                                    for q in seqs])).to(device),
+        target_logprob=cat("target_logprob", torch.float32),
+        hard=torch.from_numpy(np.concatenate([hard_labels_np(-o["target_logprob"], 0.5)
+                                              for o in scored])).to(device))
+    for loss in ("kd", "rkl-tokens"):
+        def step(loss=loss):
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda"):
+                res = net(ids, rows, teacher=rows_teacher, loss_cfg=LossConfig(loss=loss),
+                          group_offsets=offsets)
+            res["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[f"train_{loss}"] = timed(step, device, repeats=2)
+    out["reply_tokens"] = int(sum(counts))
+    out["rollout_tokens_per_s"] = out["reply_tokens"] / out["rollout_seconds"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="Toy sizes on the CPU (CI).")
@@ -360,6 +418,11 @@ def main() -> None:
         report["generation"] = generation(size, teacher, device)
         print(f"generation with capture: {report['generation']['ratio']:.2f}x plain generate's "
               f"tokens/s", flush=True)
+        report["on_policy_round"] = on_policy_round(size, teacher, device)
+        r = report["on_policy_round"]
+        print(f"on-policy round: rollout {r['rollout_seconds']:.1f} s, scoring "
+              f"{r['scoring_seconds']:.1f} s, kd step {r['train_kd']['seconds']:.2f} s, "
+              f"rkl-tokens step {r['train_rkl-tokens']['seconds']:.2f} s", flush=True)
     report["head_and_loss"] = head_and_loss(size, device)
     for vocab, row in report["head_and_loss"].items():
         print(f"V={vocab}: fused ATKD {row['atkd-fused']['x_ce_time']:.2f}x CE time" + (

@@ -29,6 +29,10 @@ def test_gpu_check_smoke_writes_every_measurement(tmp_path):
     assert set(report["head_and_loss"]) == {"512", "1024"}
     assert set(report["joined_teachers"]) == {"mixture", "confident", "route-by-hard"}
     assert all(row["seconds"] > 0 for row in report["joined_teachers"].values())
+    round_ = report["on_policy_round"]
+    assert round_["reply_tokens"] == 2 * 4  # every reply runs its 4 tokens (no EOS)
+    assert round_["rollout_seconds"] > 0 and round_["scoring_seconds"] > 0
+    assert round_["train_kd"]["seconds"] > 0 and round_["train_rkl-tokens"]["seconds"] > 0
     agree = report["bf16_vs_fp32"]
     assert agree["loss_rel"] < 1e-2 and agree["grad_hidden_rel"] < 5e-2
     assert agree["grad_weight_rel"] < 5e-2

@@ -195,11 +195,11 @@ class ServerTeacher:
             for url in self.urls:
                 try:
                     info = self._check_one(client, url, probe, longest)
+                    if generate:
+                        self._check_raw_logprobs(client, url, probe)
                 except _NoAnswer as e:
                     dead.append(f"{url} ({e})")
                     continue
-                if generate:
-                    self._check_raw_logprobs(client, url, probe)
                 answers[url] = info.pop("probe")
                 live.append(url)
                 self.info = self.info or info
@@ -304,6 +304,9 @@ class ServerTeacher:
         token, sampled = parse_reply(r.json(), self.cfg.top_k)
         r = self._get(client, url, "/v1/completions",
                       json=self._request(probe + [int(token[0])]), timeout=60.0)
+        if r.status_code != 200:
+            raise UserError(f"server {url} refused a scoring probe ({_error_message(r)}): "
+                            f"see the server's log")
         entry = r.json()["choices"][0]["prompt_logprobs"][-1]
         scored = entry[str(int(token[0]))]["logprob"]
         if abs(scored - float(sampled["target_logprob"][0])) > 1e-3:
