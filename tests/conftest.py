@@ -7,6 +7,11 @@ import os
 
 import pytest
 
+# The real teacher de-quantized from its GGUF once per checkout, for every test (and both
+# suites) that needs it as a plain folder: the conversion takes ~40 s on these CPUs.
+SHARED_ASSETS = os.environ.get("ATKD_TEST_ASSETS", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "test-assets"))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -82,3 +87,12 @@ def hf_cache(assets, tmp_path_factory):
     tiny.build_tokenizer(student)
     tiny.build_model(student, assets["vocab"], arch="llama", seed=1)
     return {"cache": str(cache), "student": student, "root": root}
+
+
+def shared_smollm2() -> str:
+    """SmolLM2-135M-Instruct as an fp32 HF folder under SHARED_ASSETS (written once, whole:
+    assets.smollm2_folder renames it into place)."""
+    from atkd_cache import assets
+
+    os.makedirs(SHARED_ASSETS, exist_ok=True)
+    return assets.smollm2_folder(SHARED_ASSETS, dtype="fp32")

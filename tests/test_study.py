@@ -27,7 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_study_smoke_on_real_assets(tmp_path):
+    from conftest import shared_smollm2
+
     cfg = StudyConfig(**{**SMOKE, "workdir": str(tmp_path)})
+    shared = shared_smollm2()  # the study finds it where it would have written it
+    (tmp_path / "assets").mkdir()
+    os.symlink(shared, tmp_path / "assets" / os.path.basename(shared))
     lines: list[str] = []
     run_study(cfg, log=lines.append)
     doc = json.load(open(tmp_path / "results.json"))

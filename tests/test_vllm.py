@@ -17,7 +17,7 @@ import pytest
 from atkd_cache import tiny
 from atkd_cache.cache import open_cache
 from atkd_cache.cache.inspect import verify_cache
-from conftest import dump
+from conftest import dump, shared_smollm2
 
 pytestmark = pytest.mark.vllm
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -551,7 +551,7 @@ def test_real_smollm2_served_equals_offline_vllm_and_hf(tmp_path_factory):
     from atkd_cache import assets as real
 
     root = tmp_path_factory.mktemp("smollm2")
-    teacher = real.smollm2_folder(str(root), dtype="fp32")
+    teacher = shared_smollm2()  # (converted once per checkout, shared with the main suite)
     chats = [c for c in (real.to_chat(x, 4) for x in real.chitchat_conversations(12)) if c]
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
