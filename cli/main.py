@@ -540,7 +540,9 @@ def on_policy_cmd(**kw) -> None:
     tokens into a cache, the student trains on it; repeat (resumes from the run folder)."""
     from atkd_cache.losses.kd import LossConfig
     from atkd_cache.recipes.on_policy import OnPolicyConfig, run_on_policy
+    from atkd_cache.recipes.study import quiet_transformers
 
+    quiet_transformers()  # every round loads models and data: no per-load bars
     loss = LossConfig(loss=kw.pop("loss"), base=kw.pop("base"), discount=kw.pop("discount"))
     kw["progress"] = not kw.pop("no_progress")
     kw["urls"] = tuple(kw["urls"])
