@@ -134,13 +134,37 @@ def run_vllm_kill_resume(a: dict, out: Path, python: str) -> dict:
             "stderr": done.stderr[-500:] if done.returncode else ""}
 
 
+def report(runs: dict[str, dict]) -> str:
+    """The docs/benchmarks.md table from results files (label -> counts)."""
+    lines = ["| code | repeats (CPU hog) | KDTrainer 2 ranks | train-student 2 ranks | vLLM dumps "
+             "killed mid-run | VLLM:: processes alive after the kills | after the resumes | "
+             "failed resumes |", "|---|---|---|---|---|---|---|---|"]
+    def cell(counts):
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+    for label, r in runs.items():
+        v = r["vllm_summary"]
+        hog = "yes" if r["cpu_hog"] else "no"
+        lines.append(f"| {label} | {r.get('done', r['repeats'])} ({hog}) "
+                     f"| {cell(r['kdtrainer'])} | {cell(r['train_student'])} | "
+                     f"{v['killed_mid_run']} of {v['runs']} | {v['survivors_after_kill']} | "
+                     f"{v['survivors_after_finish']} | {v['resume_failures']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", nargs="+", metavar="LABEL=FILE",
+                        help="only print the table of these results files")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--vllm-python", help="a Python with vLLM (scripts/setup-vllm)")
     parser.add_argument("--no-hog", action="store_true", help="without the CPU hog")
     parser.add_argument("--out", help="write the counts here (JSON)")
     args = parser.parse_args()
+    if args.report:
+        print(report({label: json.loads(Path(path).read_text())
+                      for label, path in (item.split("=", 1) for item in args.report)}))
+        return
     root = Path(tempfile.mkdtemp(prefix="stress-exit-"))
     a = build_assets(root)
     hog = None if args.no_hog else subprocess.Popen([sys.executable, "-c", "while True: pass"])
