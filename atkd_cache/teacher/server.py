@@ -20,7 +20,7 @@ Before any work `check` asks every server: its model (`/v1/models`) is the one n
 `max_model_len` fits the longest sequence, its tokenizer agrees with ours on a probe
 (`/tokenize`), and it scores a fixed probe sequence with `prompt_logprobs=k` (accepted:
 `--max-logprobs`; the answer's target log-probs are the served teacher's numeric
-fingerprint, which every server must share within PROBE_TOLERANCE and which goes into the
+fingerprint, which every server must share within schema.PROBE_TOLERANCE and which goes into the
 card). URLs that do not answer at all are left out with one warning; none answering is an
 error. A base URL may end in `/v1`, as OpenAI clients write it.
 """
@@ -35,7 +35,7 @@ from email.utils import parsedate_to_datetime
 
 import numpy as np
 
-from atkd_cache.cache.schema import PROBE_TOLERANCE
+from atkd_cache.cache.schema import probe_gap, probes_agree
 from atkd_cache.data import TokenizedSequence
 from atkd_cache.errors import UserError, first_line
 from atkd_cache.teacher.vllm import position_arrays, ranked_entries
@@ -96,15 +96,6 @@ def probe_logprobs(body: dict, probe: list[int]) -> list[float]:
         raise ValueError(f"{0 if entries is None else len(entries)} prompt log-prob entries "
                          f"for a {len(probe)}-token probe")
     return [float(e[str(t)]["logprob"]) for e, t in zip(entries[1:], probe[1:], strict=True)]
-
-
-def probes_disagree(a: list[float], b: list[float]) -> float | None:
-    """The largest difference between two probe answers when it is over PROBE_TOLERANCE (or
-    they differ in length: inf); None when they agree."""
-    if len(a) != len(b):
-        return float("inf")
-    worst = max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
-    return worst if worst > PROBE_TOLERANCE else None
 
 
 def served_width(model_or_tokenizer: str, tokenizer) -> int:
@@ -210,12 +201,11 @@ class ServerTeacher:
                  f"answer: {'; '.join(dead)}")
         first = live[0]
         for url in live[1:]:
-            worst = probes_disagree(answers[first], answers[url])
-            if worst is not None:
+            if not probes_agree(answers[first], answers[url]):
                 raise UserError(
                     f"servers {first} and {url} compute the teacher differently (probe "
-                    f"log-probs up to {worst:.3g} nats apart, more than {PROBE_TOLERANCE:g}): "
-                    f"serve the same weights with the same --dtype and build on every server")
+                    f"{probe_gap(answers[first], answers[url])}): serve the same weights "
+                    f"with the same --dtype and build on every server")
         self.urls = live
         self.info["probe"] = answers[first]
         return self.info
