@@ -369,7 +369,15 @@ def _id_list(row: dict, name: str, seq_id: int, spec: DataSpec, vocab: int) -> l
 
 
 def _ids_example(tokenizer, row: dict, spec: DataSpec, seq_id: int) -> tuple[list[int], list]:
-    vocab = len(tokenizer)
+    ids, mask = _given_ids(row, spec, seq_id, len(tokenizer))
+    if spec.max_length is not None and len(ids) > spec.max_length:
+        raise UserError(f"{spec.source}: row {seq_id} (counting from 0) has {len(ids)} "
+                        f"token ids, over --max-length {spec.max_length}: given ids are "
+                        f"scored as they are, never cut; raise --max-length or drop it")
+    return ids, mask
+
+
+def _given_ids(row: dict, spec: DataSpec, seq_id: int, vocab: int) -> tuple[list[int], list]:
     if spec.ids_fields[0] == "prompt_ids":
         prompt = _id_list(row, "prompt_ids", seq_id, spec, vocab)
         completion = _id_list(row, "completion_ids", seq_id, spec, vocab)
@@ -426,10 +434,6 @@ def tokenize_rows(rows, tokenizer, spec: DataSpec) -> tuple[list[TokenizedSequen
         if ours is not None:
             _check_written_by(row, ours, spec, seq_id)
         ids, token_mask = build(tokenizer, row, spec, seq_id)
-        if spec.shape == "ids" and spec.max_length is not None and len(ids) > spec.max_length:
-            raise UserError(f"{spec.source}: row {seq_id} (counting from 0) has {len(ids)} "
-                            f"token ids, over --max-length {spec.max_length}: given ids are "
-                            f"scored as they are, never cut; raise --max-length or drop it")
         if spec.max_length is not None and len(ids) > spec.max_length:
             ids, token_mask = ids[: spec.max_length], token_mask[: spec.max_length]
             stats.truncated += 1

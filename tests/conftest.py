@@ -96,3 +96,16 @@ def shared_smollm2() -> str:
 
     os.makedirs(SHARED_ASSETS, exist_ok=True)
     return assets.smollm2_folder(SHARED_ASSETS, dtype="fp32")
+
+
+def rescore(model, seq, **kw) -> dict:
+    """A plain teacher-forced pass of `model` over a cached sequence (the HF scoring path):
+    the reference a generated or on-policy cache is checked against."""
+    import numpy as np
+
+    from atkd_cache.data import TokenizedSequence
+    from atkd_cache.teacher.hf import teacher_outputs
+
+    ids = seq.input_ids.astype(np.int64)  # stored as uint16
+    return teacher_outputs(model, [TokenizedSequence(seq.seq_id, ids, seq.supervised)],
+                           pad_id=0, **kw)[0]

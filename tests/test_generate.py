@@ -24,11 +24,9 @@ from atkd_cache import tiny
 from atkd_cache.cache import open_cache
 from atkd_cache.cache.inspect import verify_cache
 from atkd_cache.cli.main import main
-from atkd_cache.data import TokenizedSequence
 from atkd_cache.models import load_causal_lm
 from atkd_cache.teacher.generate import nucleus_choice
-from atkd_cache.teacher.hf import teacher_outputs
-from conftest import dump
+from conftest import dump, rescore
 
 CLI = [sys.executable, "-m", "atkd_cache.cli.main"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -65,13 +63,6 @@ def generated(teacher, tmp_path_factory):
          num_samples=16, sample_seed=3, **GEN)
     return {"topk": open_cache(root / "topk"), "sampled": open_cache(root / "sampled"),
             "root": root}
-
-
-def rescore(model, seq, **kw):
-    """A plain teacher-forced pass over the finished sequence (the scoring backend)."""
-    ids = seq.input_ids.astype(np.int64)  # stored as uint16
-    return teacher_outputs(model, [TokenizedSequence(seq.seq_id, ids, seq.supervised)],
-                           pad_id=0, **kw)[0]
 
 
 def test_generated_sequences_are_prompt_plus_reply(generated, teacher):

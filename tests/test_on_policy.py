@@ -22,10 +22,9 @@ from click.testing import CliRunner
 from atkd_cache import tiny
 from atkd_cache.cache import open_cache
 from atkd_cache.cli.main import main
-from atkd_cache.data import TokenizedSequence
 from atkd_cache.fingerprint import weights_hash
 from atkd_cache.models import load_causal_lm
-from atkd_cache.teacher.hf import teacher_outputs
+from conftest import rescore
 
 CLI = [sys.executable, "-m", "atkd_cache.cli.main"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -46,12 +45,6 @@ def args(s, out, *extra):
             "--prompts-per-round", "4", "--num-responses", "2", "--max-new-tokens", "6",
             "--top-k", "8", "--batch-tokens", "64", "--checkpoint-every", "1",
             "--lr", "1e-3", "--no-progress", *extra]
-
-
-def rescore(model, seq, k):
-    ids = seq.input_ids.astype(np.int64)
-    return teacher_outputs(model, [TokenizedSequence(seq.seq_id, ids, seq.supervised)], k,
-                           pad_id=0)[0]
 
 
 def model_sha(folder) -> str:
@@ -83,11 +76,11 @@ def test_rounds_score_the_students_exact_replies(setup, tmp_path):
             # the teacher scored exactly the student's tokens, the student's reply supervised
             assert np.array_equal(a.input_ids, b.input_ids)
             assert np.array_equal(a.supervised, b.supervised)
-            ref = rescore(teacher, b, 8)
+            ref = rescore(teacher, b, k=8)
             np.testing.assert_allclose(b.target_logprob, ref["target_logprob"], atol=1e-5)
             np.testing.assert_allclose(b.topk_logprobs, ref["topk_logprobs"], atol=1e-5)
             # the rollout cache holds the writer's own log-probs of its sampled tokens
-            own = rescore(writer, a, 1)
+            own = rescore(writer, a, k=1)
             np.testing.assert_allclose(a.target_logprob, own["target_logprob"], atol=1e-4)
         assert entry["teacher_tokens_scored"] == cache.num_supervised
         assert set(entry["eval"]) >= {"rouge_l_to_teacher", "stop_rate", "distinct_3"}

@@ -142,15 +142,14 @@ def fused_kd_loss(
     cfg.check()
     n, v = hidden.shape[0], weight.shape[0]
     work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
     lq = None
     if cfg.loss == "rkl-tokens":  # its row weights need log q(y_t) first: one pass, no grad
-        rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
         lq = target_logprobs(hidden, weight, bias, softcap, teacher.target_ids, rows)
     groups = row_groups(teacher, cfg, n, work, row_mask, group_offsets, student_logprob=lq)
     weights = term_weights(groups, cfg)
     names = {"ce": ["ce"], "kd": ["ce", cfg.base], "atkd": ["ce", "tkd", "dkd"],
              "rkl-tokens": ["ce"]}[cfg.loss]
-    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
     loss, terms = _FusedHeadLoss.apply(hidden, weight, bias, teacher, cfg, weights, names,
                                        softcap, rows)
     out = combine({k: terms[:, j] for j, k in enumerate(names)}, groups, cfg)

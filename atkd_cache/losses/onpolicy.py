@@ -42,15 +42,21 @@ def _row_groups(group_offsets, n: int, device) -> torch.Tensor:
 
 
 def discounted_returns(d: torch.Tensor, group_offsets, discount: float) -> torch.Tensor:
-    """G_t = sum_{s >= t, same sequence} discount^(s - t) d_s, for rows in sequence order."""
-    offsets = torch.as_tensor(group_offsets, dtype=torch.long).tolist()
-    out = torch.empty_like(d)
-    for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
-        acc = torch.zeros((), dtype=d.dtype, device=d.device)
-        for t in range(hi - 1, lo - 1, -1):  # (replies are short; a loop is clearest)
-            acc = d[t] + discount * acc
-            out[t] = acc
-    return out
+    """G_t = sum_{s >= t, same sequence} discount^(s - t) d_s, for rows in sequence order.
+    The replies are laid out as rows of a [S, T] table (zeros after a reply's end, which add
+    nothing) and the recursion G_t = d_t + discount G_{t+1} runs over T, all replies at once."""
+    if len(d) == 0:
+        return d.clone()
+    offsets = torch.as_tensor(group_offsets, dtype=torch.long, device=d.device)
+    seq = _row_groups(offsets, len(d), d.device)
+    pos = torch.arange(len(d), device=d.device) - offsets[seq]
+    table = torch.zeros(len(offsets) - 1, int(pos.max()) + 1, dtype=d.dtype, device=d.device)
+    table[seq, pos] = d
+    acc = torch.zeros(table.shape[0], dtype=d.dtype, device=d.device)
+    for t in range(table.shape[1] - 1, -1, -1):
+        acc = table[:, t] + discount * acc
+        table[:, t] = acc
+    return table[seq, pos]
 
 
 def rkl_token_weights(

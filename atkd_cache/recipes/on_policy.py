@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -44,7 +43,9 @@ from atkd_cache.dump import DumpConfig, dump_teacher
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import weights_hash
 from atkd_cache.losses.kd import LossConfig
+from atkd_cache.recipes.files import write_json, write_jsonl_once
 from atkd_cache.responses import export_responses
+from atkd_cache.train import checkpoint
 from atkd_cache.train.loader import LoaderConfig
 from atkd_cache.train.trainer import TrainConfig, train
 
@@ -119,13 +120,6 @@ class OnPolicyConfig:
         return dataclasses.asdict(self)
 
 
-def _write_json(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)  # whole or not at all
-
-
 def check_settings(cfg: OnPolicyConfig) -> None:
     """Create the run folder with its settings, or refuse a re-run whose settings differ."""
     path = os.path.join(cfg.output, "on_policy.json")
@@ -143,7 +137,7 @@ def check_settings(cfg: OnPolicyConfig) -> None:
     if os.path.exists(cfg.output) and os.listdir(cfg.output):
         raise UserError(f"{cfg.output} exists and is not an on-policy run: give a new folder")
     os.makedirs(cfg.output, exist_ok=True)
-    _write_json(path, cfg.to_json())
+    write_json(path, cfg.to_json())
 
 
 def _spec(cfg: OnPolicyConfig, source: str, **kw) -> DataSpec:
@@ -169,15 +163,9 @@ def write_slices(cfg: OnPolicyConfig, rows) -> list[str]:
     for r in range(1, cfg.rounds + 1):
         folder = round_dir(cfg, r)
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "prompts.jsonl")
-        if not os.path.exists(path):
-            lo = (r - 1) * cfg.prompts_per_round
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
-                for i in range(lo, lo + cfg.prompts_per_round):
-                    f.write(json.dumps(dict(rows[i]), ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        paths.append(path)
+        lo, hi = (r - 1) * cfg.prompts_per_round, r * cfg.prompts_per_round
+        paths.append(write_jsonl_once(os.path.join(folder, "prompts.jsonl"),
+                                      (dict(rows[i]) for i in range(lo, hi))))
     return paths
 
 
@@ -192,14 +180,6 @@ def _complete(path: str) -> bool:
         return False
 
 
-def _resumable(out: str) -> bool:
-    from atkd_cache.train import checkpoint
-
-    if os.path.isdir(out) and checkpoint.latest_checkpoint(out) is None:
-        shutil.rmtree(out)  # killed before its first checkpoint: start it again
-    return os.path.isdir(out)
-
-
 def train_round(cfg: OnPolicyConfig, cache: str, student: str, out: str, epochs: int = 1,
                 loss: LossConfig | None = None) -> str:
     """Train `student` on `cache` into `out` (resuming); returns the trained model folder."""
@@ -207,12 +187,13 @@ def train_round(cfg: OnPolicyConfig, cache: str, student: str, out: str, epochs:
     if not os.path.exists(os.path.join(out, "summary.json")):
         train(TrainConfig(
             cache=cache, student=student, output=out, epochs=epochs, lr=cfg.lr,
-            min_lr_ratio=1.0, seed=cfg.seed, resume=_resumable(out), loss=loss or cfg.loss,
+            min_lr_ratio=1.0, seed=cfg.seed, resume=checkpoint.resumable(out),
+            loss=loss or cfg.loss,
             loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=cfg.seed),
             checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, device=cfg.device,
             progress=cfg.progress, tensorboard=False,
         ), log=lambda m: None)
-    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    checkpoint.drop_checkpoints(out)
     return model
 
 
@@ -294,24 +275,14 @@ def evaluate_student(model_path: str, refs: EvalRefs, tokenizer, teacher_model,
     """Greedy replies of a student: ROUGE-L against the teacher's, the teacher's log-prob of
     them, their length, stop rate and distinct 3-gram share."""
     from atkd_cache.models import load_causal_lm
-    from atkd_cache.train.evaluate import (
-        decode_replies,
-        generate_reply_ids,
-        reply_logprobs,
-        reply_shape,
-        rouge_l_scores,
-        shape_summary,
-        stop_ids,
-    )
+    from atkd_cache.train.evaluate import reply_scores, shape_summary
 
     model = load_causal_lm(model_path, dtype="fp32", device="cpu").eval()
-    ids = generate_reply_ids(model, tokenizer, refs.prompts, max_new_tokens)
-    text = decode_replies(tokenizer, ids)
-    out = {"rouge_l_to_teacher": float(np.mean(rouge_l_scores(text, refs.teacher_text))),
-           "teacher_logprob": float(np.nanmean(reply_logprobs(teacher_model(), refs.prompts,
-                                                              ids))),
-           **shape_summary(reply_shape(ids, stop_ids(model, tokenizer)))}
-    return out
+    _, _, scores = reply_scores(model, tokenizer, refs.prompts, {"teacher": refs.teacher_text},
+                                max_new_tokens, teacher_model())
+    return {"rouge_l_to_teacher": float(np.mean(scores["rouge_teacher"])),
+            "teacher_logprob": float(np.nanmean(scores["teacher_logprob"])),
+            **shape_summary(scores)}
 
 
 def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
@@ -339,7 +310,7 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
     refs = None
     if cfg.eval_data:
         refs = eval_refs(cfg, results, tokenizer, teacher_model)
-        _write_json(results_path, results)
+        write_json(results_path, results)
 
     def evaluate_round(key: str, model: str) -> None:
         entry = results["rounds"].setdefault(key, {})
@@ -348,7 +319,7 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
             entry["eval"] = evaluate_student(model, refs, tokenizer, teacher_model,
                                              cfg.max_new_tokens)
             entry.setdefault("seconds", {})["eval"] = time.perf_counter() - t0
-            _write_json(results_path, results)
+            write_json(results_path, results)
 
     # round 0: the student round 1 starts from (after the off-policy warm-up, if any)
     student = cfg.student
@@ -391,7 +362,7 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
                      teacher_cache_fingerprint=cache.card.identity,
                      rollout_cache_fingerprint=rollouts.card.identity,
                      replies=len(rollouts), teacher_tokens_scored=cache.num_supervised)
-        _write_json(results_path, results)
+        write_json(results_path, results)
         evaluate_round(str(r), student)
         log(f"round {r}: {len(rollouts)} replies, {cache.num_supervised} tokens scored"
             + (f", ROUGE-L to teacher {results['rounds'][str(r)]['eval']['rouge_l_to_teacher']:.4f}"

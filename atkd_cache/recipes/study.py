@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -45,12 +44,14 @@ from atkd_cache.dump import DumpConfig, dump_teacher
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import weights_hash
 from atkd_cache.losses.kd import LossConfig
+from atkd_cache.recipes.files import write_json, write_jsonl_once
 from atkd_cache.recipes.study_config import ARMS, EXAMPLES, SETTINGS, StudyConfig
+from atkd_cache.train import checkpoint
 from atkd_cache.train.evaluate import (
     cache_metrics,
     decode_replies,
-    generate_reply_ids,
     reply_logprobs,
+    reply_scores,
     reply_shape,
     rouge_l_scores,
     stop_ids,
@@ -97,10 +98,7 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.doc, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.doc)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -159,21 +157,12 @@ def write_data(cfg: StudyConfig, tokenizer) -> dict[str, str]:
         "val": chats[n_train:n_train + cfg.val_prompts],
         "test": chats[len(chats) - cfg.test_prompts:][::-1],  # the file's last ones
     }
-    paths = {name: _write_jsonl(os.path.join(folder, f"{name}-{len(rows)}.jsonl"),
+    paths = {name: write_jsonl_once(os.path.join(folder, f"{name}-{len(rows)}.jsonl"),
                                 [{"messages": m} for m in rows])
              for name, rows in slices.items() if rows}
     heal = [{"text": tokenizer.apply_chat_template(c, tokenize=False)} for c in kjv_chats(cfg)]
-    paths["heal"] = _write_jsonl(os.path.join(folder, f"heal-kjv-{len(heal)}.jsonl"), heal)
+    paths["heal"] = write_jsonl_once(os.path.join(folder, f"heal-kjv-{len(heal)}.jsonl"), heal)
     return paths
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> str:
-    if not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(path + ".tmp", path)
-    return path
 
 
 # -------------------------------------------------------------------------------- caches
@@ -258,12 +247,12 @@ def build_student(cfg: StudyConfig, teacher: str, caches, results: Results, log)
         t0 = time.perf_counter()
         s = train(TrainConfig(
             cache=caches["heal"], student=cut, output=healed, epochs=1, lr=cfg.heal_lr,
-            warmup_ratio=0.03, min_lr_ratio=0.0, seed=0, resume=_resumable(healed),
+            warmup_ratio=0.03, min_lr_ratio=0.0, seed=0, resume=checkpoint.resumable(healed),
             loss=LossConfig(loss="kd", base="fkl"),
             loader=LoaderConfig(batch_tokens=cfg.heal_batch_tokens, seed=0),
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
-        _drop_checkpoints(healed)
+        checkpoint.drop_checkpoints(healed)
         results.doc["student"]["heal"] = {"steps": s["steps"], "tokens": s["tokens_seen"],
                                           "seconds": time.perf_counter() - t0}
     model = os.path.join(healed, "model")
@@ -283,19 +272,6 @@ def _load(path: str):
     return load_causal_lm(path, dtype="fp32", device="cpu").eval()
 
 
-def _resumable(out: str) -> bool:
-    from atkd_cache.train import checkpoint
-
-    if os.path.isdir(out) and checkpoint.latest_checkpoint(out) is None:
-        shutil.rmtree(out)  # killed before its first checkpoint: start over
-    return os.path.isdir(out)
-
-
-def _drop_checkpoints(out: str) -> None:
-    """A finished run keeps its `model/` only (checkpoints serve resuming)."""
-    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------- runs
 
 
@@ -306,14 +282,14 @@ def train_arm(cfg: StudyConfig, setting: str, arm: str, lr: float, seed: int, st
     if not os.path.exists(os.path.join(out, "summary.json")):
         train(TrainConfig(
             cache=caches[f"train-{setting}"], student=student, output=out, epochs=cfg.epochs,
-            lr=lr, warmup_ratio=0.03, min_lr_ratio=0.0, seed=seed, resume=_resumable(out),
+            lr=lr, warmup_ratio=0.03, min_lr_ratio=0.0, seed=seed, resume=checkpoint.resumable(out),
             loss=LossConfig(**ARMS[arm]),
             # The seed is the data order (no dropout, one start: the order is the run's only
             # randomness); every arm sees the same order at a given seed.
             loader=LoaderConfig(batch_tokens=cfg.batch_tokens, seed=seed),
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
-    _drop_checkpoints(out)
+    checkpoint.drop_checkpoints(out)
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     return {"out": out, "steps": summary.get("steps"), "tokens": summary.get("tokens_seen"),
@@ -327,13 +303,9 @@ def score(model, tokenizer, cfg: StudyConfig, ev: EvalSet, caches: dict[str, str
     the teacher loaded) the teacher's mean log-prob of that reply."""
     out = {name: cache_metrics(model, path, batch_tokens=4096)["student"]
            for name, path in caches.items()}
-    ids = generate_reply_ids(model, tokenizer, ev.prompts, cfg.max_new_tokens, batch_size=32)
-    text = decode_replies(tokenizer, ids)
-    prompts = {"rouge_teacher": rouge_l_scores(text, ev.teacher_text),
-               "rouge_human": rouge_l_scores(text, ev.human_text),
-               **reply_shape(ids, stop_ids(model, tokenizer))}
-    if teacher is not None:
-        prompts["teacher_logprob"] = reply_logprobs(teacher, ev.prompts, ids)
+    ids, text, prompts = reply_scores(
+        model, tokenizer, ev.prompts, {"teacher": ev.teacher_text, "human": ev.human_text},
+        cfg.max_new_tokens, teacher, batch_size=32)
     out["per_prompt"] = {k: [round(float(v), 6) for v in vals] for k, vals in prompts.items()}
     out["reply_ids"] = ids  # every greedy reply, so a reader can recompute any of the above
     out["examples"] = text[:EXAMPLES]

@@ -59,6 +59,18 @@ def prompt_metrics(doc: dict) -> list[str]:
     return [m for m in PROMPT_METRICS if have is None or m in have]
 
 
+def primary_seed_interval(doc: dict, setting: str) -> Paired | None:
+    """ATKD − KD on the primary metric as a t interval over a setting's seed means (with
+    few seeds the honest interval: stats.py; one seed: no spread); None when no seed has
+    both arms."""
+    at, kd = _runs(doc, setting, "atkd"), _runs(doc, setting, "kd")
+    seeds = sorted(set(at) & set(kd))
+    if not seeds:
+        return None
+    return seed_interval([run_value(at[s], PRIMARY) - run_value(kd[s], PRIMARY)
+                          for s in seeds])
+
+
 def run_value(scores: dict, metric) -> float:
     """One run's value of a metric: the mean over prompts, or the cache metric."""
     if isinstance(metric, tuple):
@@ -181,14 +193,11 @@ def headline(doc: dict, summary: dict) -> str:
     second = summary["settings"].get("human", {}).get("paired_vs_kd", {}).get("atkd", {})
     if PRIMARY in second:  # secondary: the registration's verdict is the main setting's
         e = second[PRIMARY]
-        at, kd = _runs(doc, "human", "atkd"), _runs(doc, "human", "kd")
-        seeds = sorted(set(at) & set(kd))
+        t = primary_seed_interval(doc, "human")
         line = (f"Second setting (human training replies; secondary, no verdict registered): "
                 f"ATKD − KD in the same metric, {e['seeds']} seed(s) x {e['prompts']} test "
                 f"prompts: {_interval(e)}")
-        if len(seeds) > 1:  # few seeds: the t interval over seed means is the honest one
-            t = seed_interval([run_value(at[s], PRIMARY) - run_value(kd[s], PRIMARY)
-                               for s in seeds])
+        if t is not None and t.seeds > 1:  # few seeds: the t interval is the honest one
             settled = t.low > 0 or t.high < 0
             line += (f" (bootstrap); t interval over the {t.seeds} seed means "
                      f"[{t.low:+.4f}, {t.high:+.4f}]: "
@@ -378,9 +387,7 @@ def reading(doc: dict) -> str:
         f"{summary['floor'][PRIMARY]:.3f} to {table['kd'][PRIMARY][0]:.3f}: the arms had room "
         f"to differ.")
     e = Paired(**paired["atkd"][PRIMARY])
-    seeds = sorted(set(_runs(doc, "teacher", "atkd")) & set(_runs(doc, "teacher", "kd")))
-    t = seed_interval([run_value(_runs(doc, "teacher", "atkd")[s], PRIMARY)
-                       - run_value(_runs(doc, "teacher", "kd")[s], PRIMARY) for s in seeds])
+    t = primary_seed_interval(doc, "teacher")
     direction = "behind" if e.mean < 0 else "ahead of"
     near = max(abs(e.low), abs(e.high)) if e.low * e.high < 0 else min(abs(e.low), abs(e.high))
     beyond = ("the whole interval lies beyond the smallest effect worth detecting"
@@ -466,10 +473,7 @@ def reading(doc: dict) -> str:
     human = summary["settings"].get("human", {})
     hp = human.get("paired_vs_kd", {}).get("atkd", {})
     if PRIMARY in hp:
-        h_at, h_kd = _runs(doc, "human", "atkd"), _runs(doc, "human", "kd")
-        hs = sorted(set(h_at) & set(h_kd))
-        ht = seed_interval([run_value(h_at[s], PRIMARY) - run_value(h_kd[s], PRIMARY)
-                            for s in hs])
+        ht = primary_seed_interval(doc, "human")
         same_sign = (ht.mean < 0) == (e.mean < 0)
         settled = ht.low > 0 or ht.high < 0
         htab = human["table"]

@@ -48,6 +48,19 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(root, done[-1]) if done else None
 
 
+def resumable(run_dir: str) -> bool:
+    """Can a run in `run_dir` be resumed (`TrainConfig.resume`)? A folder killed before its
+    first checkpoint holds nothing to resume from: it is removed, and the run starts over."""
+    if os.path.isdir(run_dir) and latest_checkpoint(run_dir) is None:
+        shutil.rmtree(run_dir)
+    return os.path.isdir(run_dir)
+
+
+def drop_checkpoints(run_dir: str) -> None:
+    """Remove a finished run's checkpoints (they serve resuming; `model/` stays)."""
+    shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
+
+
 def temp_path(run_dir: str, step: int) -> str:
     """Folder a checkpoint is assembled in before `commit` renames it."""
     return checkpoint_path(run_dir, step) + ".tmp"

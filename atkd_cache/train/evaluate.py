@@ -246,6 +246,22 @@ def reply_shape(replies: list[list[int]], stop_ids: set[int]) -> dict[str, list[
                            for r, s in zip(replies, stopped, strict=True)]}
 
 
+def reply_scores(
+    model, tokenizer, prompts: list[list[int]], references: dict[str, list[str]],
+    max_new_tokens: int, teacher=None, batch_size: int = 8,
+) -> tuple[list[list[int]], list[str], dict[str, list[float]]]:
+    """A model's greedy replies to `prompts` (ids and text) and, per prompt: ROUGE-L F1
+    against each named list of references (`rouge_<name>`), the reply's shape (reply_shape),
+    and with `teacher` loaded, its mean log-prob per token of the reply (`teacher_logprob`)."""
+    ids = generate_reply_ids(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    text = decode_replies(tokenizer, ids)
+    scores = {f"rouge_{name}": rouge_l_scores(text, refs) for name, refs in references.items()}
+    scores.update(reply_shape(ids, stop_ids(model, tokenizer)))
+    if teacher is not None:
+        scores["teacher_logprob"] = reply_logprobs(teacher, prompts, ids)
+    return ids, text, scores
+
+
 def shape_summary(shape: dict[str, list[float]]) -> dict[str, float]:
     """Means over replies: reply_tokens, stop_rate, distinct_3 (over replies that have one)."""
     distinct = [v for v in shape["distinct_3"] if not math.isnan(v)]
