@@ -12,7 +12,12 @@ import click
 
 from atkd_cache.errors import UserError
 from atkd_cache.losses.names import BASES, LOSSES, MIXES, SPLITS, TAILS
-from atkd_cache.recipes.study_config import StudyConfig, study_config
+from atkd_cache.recipes.study_config import (
+    OnPolicyStudyConfig,
+    StudyConfig,
+    on_policy_study_config,
+    study_config,
+)
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -485,6 +490,30 @@ def study_cmd(demo: bool, smoke: bool, **values) -> None:
     preset = "+".join(name for name, on in (("demo", demo), ("smoke", smoke)) if on)
     quiet_transformers()
     run_study(study_config(preset, **values), log=click.echo)
+
+
+@main.command("on-policy-study")
+@click.option("--smoke", is_flag=True, default=False,
+              help="A minute-sized run of every stage (works in <workdir>-quick).")
+@click.option("--report", "report", default=None, metavar="RESULTS",
+              help="Only print the report of a results file.")
+@config_flags(OnPolicyStudyConfig)
+@user_errors
+def on_policy_study_cmd(smoke: bool, report: str | None, **values) -> None:
+    """On-policy rounds vs off-policy KD: the registered comparison of docs/on-policy.md
+    (resumes from its results file)."""
+    from atkd_cache.recipes.on_policy_study import (
+        format_report,
+        load_results,
+        run_on_policy_study,
+    )
+    from atkd_cache.recipes.study import quiet_transformers
+
+    if report:
+        click.echo(format_report(load_results(report)))
+        return
+    quiet_transformers()
+    run_on_policy_study(on_policy_study_config(smoke, **values), log=click.echo)
 
 
 @main.command("on-policy")

@@ -111,6 +111,8 @@ def test_study_smoke_on_real_assets(tmp_path):
     other = dataclasses.replace(cfg, test_prompts=cfg.test_prompts + 1)
     with pytest.raises(UserError, match="other study sizes"):
         run_study(other, log=lambda m: None)
+
+    check_on_policy_study(tmp_path, doc)
     doc["student"]["weights_hash"] = "sha256:" + "0" * 64  # made with another student
     (tmp_path / "results.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match="is not the one"):
@@ -190,3 +192,52 @@ def test_presets_and_flags_build_the_config():
     assert study_config("demo+smoke").workdir == "runs/demo-quick"
     assert study_config("smoke", workdir="w").workdir == "w"
     assert study_config("smoke").arms == SMOKE["arms"] != StudyConfig().arms
+
+
+def check_on_policy_study(workdir: Path, study_doc: dict) -> None:
+    """The on-policy comparison (recipes/on_policy_study.py) at smoke size in the study's
+    folder: it reuses the study's caches, student and KD runs, every arm sees the same
+    replies, every round is scored by the one teacher, and the report is recomputed here."""
+    from atkd_cache.cache import open_cache
+    from atkd_cache.recipes.on_policy_study import (
+        DESIGN,
+        check,
+        format_report,
+        run_on_policy_study,
+    )
+    from atkd_cache.recipes.study_config import ON_POLICY_SMOKE, OnPolicyStudyConfig
+
+    cfg = OnPolicyStudyConfig(**{**ON_POLICY_SMOKE, "workdir": str(workdir),
+                                 "results": str(workdir / "on-policy.json")})
+    lines: list[str] = []
+    doc = run_on_policy_study(cfg, log=lines.append)
+    assert doc["complete"] and doc["design"] == DESIGN
+    assert doc["student"]["weights_hash"] == study_doc["student"]["weights_hash"]
+    runs = {arm: doc["runs"][run_key("teacher", arm, cfg.lrs[0], 0)] for arm in cfg.arms}
+    # the off-policy arm is the study's KD run (same cache, student, lr, seed): not re-trained
+    assert runs["offpolicy-kd"]["out"] == study_doc["runs"][run_key(
+        "teacher", "kd", cfg.lrs[0], 0)]["out"]
+    budget = cfg.train_prompts * cfg.responses
+    assert {arm: r["replies"] for arm, r in runs.items()} == {a: budget for a in cfg.arms}
+    for arm in ("onpolicy-kd", "onpolicy-rkl", "offpolicy-then-onpolicy"):
+        folder = Path(runs[arm]["out"]).parents[1]  # .../lrX-seed0 (out = round-NNN/train)
+        rounds = cfg.rounds // 2 if arm == "offpolicy-then-onpolicy" else cfg.rounds
+        cards = [open_cache(str(folder / f"round-{r:03d}" / "teacher")).card
+                 for r in range(1, rounds + 1)]
+        assert [c.extra["on_policy"]["round"] for c in cards] == list(range(1, rounds + 1))
+        assert len({c.teacher_weights_hash for c in cards}) == 1
+        assert (folder / "round-000" / "train").exists() == (arm == "offpolicy-then-onpolicy")
+        assert runs[arm]["teacher_tokens_scored"] == runs[arm]["tokens"]
+    # the primary effect, recomputed from the per-prompt scores
+    diff = np.subtract(runs["onpolicy-kd"]["test"]["per_prompt"]["rouge_teacher"],
+                       runs["offpolicy-kd"]["test"]["per_prompt"]["rouge_teacher"])
+    text = (workdir / "report.md").read_text()
+    assert text == format_report(doc) + "\n"
+    assert f"onpolicy-kd − offpolicy-kd in ROUGE-L of greedy replies vs the teacher's, 1 " \
+           f"seed(s) x {cfg.test_prompts} test prompts: {diff.mean():+.4f}" in text
+    assert "1 seed: no verdict" in text
+    again: list[str] = []
+    run_on_policy_study(cfg, log=again.append)  # done: nothing trains or scores again
+    assert not any("ROUGE-L to teacher" in line for line in again)
+    with pytest.raises(UserError, match="unequal budgets"):
+        check(dataclasses.replace(cfg, rounds=3))

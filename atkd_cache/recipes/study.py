@@ -72,15 +72,15 @@ class Results:
 
     KEPT = ("student", "teacher", "runs", "stages", "best_lr", "data")
 
-    def __init__(self, path: str, cfg: StudyConfig):
+    def __init__(self, path: str, cfg: StudyConfig, design: int | str = 2):
         self.path = path
-        self.doc = {"design": 2, "complete": False, "config": asdict(cfg), "runs": {},
+        self.doc = {"design": design, "complete": False, "config": asdict(cfg), "runs": {},
                     "student": {}, "teacher": {}, "stages": {}, "data": {}}
         old = {}
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            if old.get("design") != 2:
+            if old.get("design") != design:
                 raise UserError(f"{path} holds another design's results: give a new --results")
             now = asdict(cfg)  # (a field added since the file was made does not count)
             if any(now[k] != v for k, v in old["config"].items()
@@ -315,9 +315,13 @@ def score(model, tokenizer, cfg: StudyConfig, ev: EvalSet, caches: dict[str, str
 class Stage:
     """What every run of a stage needs: config, student, caches, the split's references."""
 
-    def __init__(self, cfg, student, caches, evals, results, tokenizer, teacher, log):
+    def __init__(self, cfg, student, caches, evals, results, tokenizer, teacher, log,
+                 trainer=None):
         self.cfg, self.student, self.caches, self.evals = cfg, student, caches, evals
         self.results, self.tokenizer, self.teacher, self.log = results, tokenizer, teacher, log
+        # (setting, arm, lr, seed) -> {"out": folder holding model/, "steps", "tokens", ...}
+        self.trainer = trainer or (lambda setting, arm, lr, seed: train_arm(
+            cfg, setting, arm, lr, seed, student, caches))
 
     def test_caches(self) -> dict[str, str]:
         return {"teacher": self.caches["test-teacher"], "human": self.caches["test-human"]}
@@ -330,8 +334,7 @@ class Stage:
             return run
         t0 = time.perf_counter()
         if not os.path.exists(os.path.join(run.get("out", "/nonexistent"), "model")):
-            run = {**run, **train_arm(self.cfg, setting, arm, lr, seed, self.student,
-                                      self.caches)}
+            run = {**run, **self.trainer(setting, arm, lr, seed)}
             run["train_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         model = _load(os.path.join(run["out"], "model"))

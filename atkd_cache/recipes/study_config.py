@@ -76,6 +76,55 @@ SMOKE = {"layers": "2", "heal_chats": 24, "train_prompts": 12, "responses": 1,
 PRESETS = {"demo": {**DEMO, "workdir": "runs/demo"}, "smoke": SMOKE}
 
 
+# ------------------------------------------ on-policy rounds vs off-policy KD (issue 31)
+
+# The registered comparison of docs/on-policy.md. Every arm is KD's recipe (forward KL over
+# the teacher's top-k) except onpolicy-rkl; what differs is who wrote the replies.
+ON_POLICY_ARMS: dict[str, dict] = {
+    "offpolicy-kd": {"loss": "kd", "base": "fkl"},  # the teacher's sampled replies (the study's KD)
+    "onpolicy-kd": {"loss": "kd", "base": "fkl"},  # rounds of the student's own replies
+    "onpolicy-rkl": {"loss": "rkl-tokens", "discount": 1.0},
+    "offpolicy-then-onpolicy": {"loss": "kd", "base": "fkl"},  # half each, Qwen3's order
+}
+
+
+@dataclass
+class OnPolicyStudyConfig(StudyConfig):
+    """The comparison's sizes: the study's setup (same data, teacher, healed student, test
+    prompts) with on-policy rounds; the defaults are the registration (docs/on-policy.md).
+    Every arm sees train_prompts x responses replies once: rounds x prompts_per_round x
+    rollouts must equal it (checked)."""
+
+    workdir: str = "runs/on-policy-study"
+    rounds: int = 4
+    prompts_per_round: int = 125
+    rollouts: int = 2  # student replies per prompt and round
+    rollout_temperature: float = 1.0  # the student samples from itself (behaviour = policy)
+    lrs: list[float] = field(default_factory=lambda: [1.5e-4, 4.5e-4, 1.35e-3])
+    grid_extend: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    human_seeds: list[int] = field(default_factory=list)
+    arms: list[str] = field(default_factory=lambda: list(ON_POLICY_ARMS))
+    settings: list[str] = field(default_factory=lambda: ["teacher"])
+    baseline: str = "offpolicy-kd"
+    challenger: str = "onpolicy-kd"
+
+
+ON_POLICY_SMOKE = {**SMOKE, "rounds": 2, "prompts_per_round": 6, "rollouts": 1,
+                   "seeds": [0], "human_seeds": [], "arms": list(ON_POLICY_ARMS),
+                   "settings": ["teacher"]}
+
+
+def on_policy_study_config(smoke: bool = False, **values) -> OnPolicyStudyConfig:
+    """The registered comparison, or its smoke size (in <workdir>-quick), with `values`
+    (flags the user gave) on top."""
+    merged = dict(ON_POLICY_SMOKE) if smoke else {}
+    if smoke:
+        merged["workdir"] = OnPolicyStudyConfig.workdir + "-quick"
+    merged.update({k: v for k, v in values.items() if v is not None})
+    return OnPolicyStudyConfig(**merged)
+
+
 def study_config(preset: str | None = None, **values) -> StudyConfig:
     """The registered design, or a preset of it ("demo", "smoke", "demo+smoke"), with
     `values` (flags the user gave) on top. The smoke size works in <workdir>-quick so it

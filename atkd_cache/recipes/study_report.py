@@ -36,6 +36,10 @@ CACHE_METRICS = {("teacher", "kl_to_teacher"): ("KL", False),
                  ("teacher", "ece"): ("ECE", False),
                  ("human", "nll"): ("human NLL", False)}
 PRIMARY = "rouge_teacher"
+# (baseline, challenger) -> the registered words for each direction
+VERDICT_WORDS = {("kd", "atkd"): ("ATKD better than KD", "ATKD worse than KD"),
+                 ("offpolicy-kd", "onpolicy-kd"): ("on-policy KD better than off-policy KD",
+                                                   "on-policy KD worse than off-policy KD")}
 
 
 def _seeds(doc: dict, setting: str) -> list[int]:
@@ -79,11 +83,19 @@ def run_value(scores: dict, metric) -> float:
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 
 
-def summarize(doc: dict) -> dict:
-    """Per setting: each arm's mean ± std over seeds of every metric, each arm − KD paired
-    (per-prompt metrics: seeds x prompts bootstrap; cache metrics: seeds only), the floor
-    and ceiling rows; the headroom gate and the primary verdict."""
+def baseline_arms(doc: dict) -> tuple[str, str]:
+    """(baseline, challenger) of the primary comparison: KD and ATKD in the study; the
+    on-policy comparison names its own in its config."""
     cfg = doc["config"]
+    return cfg.get("baseline", "kd"), cfg.get("challenger", "atkd")
+
+
+def summarize(doc: dict) -> dict:
+    """Per setting: each arm's mean ± std over seeds of every metric, each arm − the
+    baseline (KD) paired (per-prompt metrics: seeds x prompts bootstrap; cache metrics: seeds
+    only), the floor and ceiling rows; the headroom gate and the primary verdict."""
+    cfg = doc["config"]
+    base, challenger = baseline_arms(doc)
     metrics = (*prompt_metrics(doc), *CACHE_METRICS)
     out = {"settings": {}}
     for setting in cfg["settings"]:
@@ -94,17 +106,17 @@ def summarize(doc: dict) -> dict:
                 table[arm] = {_name(m): _mean_std([run_value(s, m) for s in by_seed.values()])
                               for m in metrics}
         for arm, by_seed in runs.items():
-            common = sorted(set(by_seed) & set(runs.get("kd", {})))
-            if arm == "kd" or not common:
+            common = sorted(set(by_seed) & set(runs.get(base, {})))
+            if arm == base or not common:
                 continue
             paired[arm] = {}
             for m in metrics:
                 if isinstance(m, tuple):  # one number per seed: a t interval over seeds
-                    p = seed_interval([run_value(by_seed[s], m) - run_value(runs["kd"][s], m)
+                    p = seed_interval([run_value(by_seed[s], m) - run_value(runs[base][s], m)
                                        for s in common])
                 else:
                     p = paired_bootstrap([np.subtract(by_seed[s]["per_prompt"][m],
-                                                      runs["kd"][s]["per_prompt"][m])
+                                                      runs[base][s]["per_prompt"][m])
                                           for s in common])
                 paired[arm][_name(m)] = p.to_json()
         out["settings"][setting] = {"table": table, "paired_vs_kd": paired}
@@ -116,12 +128,12 @@ def summarize(doc: dict) -> dict:
                              for m in prompt_metrics(doc)},
                           **{_name(m): float(teacher[m[0]][m[1]]) for m in CACHE_METRICS}}
     main = out["settings"].get("teacher", {})
-    kd = main.get("table", {}).get("kd")
+    kd = main.get("table", {}).get(base)
     if start and kd:
         cut = out["floor"]["teacher.kl_to_teacher"] - kd["teacher.kl_to_teacher"][0]
         out["headroom"] = {"kd_kl_cut": cut, "needed": cfg["headroom_kl"],
                            "passed": cut >= cfg["headroom_kl"]}
-    effect = main.get("paired_vs_kd", {}).get("atkd", {}).get(PRIMARY)
+    effect = main.get("paired_vs_kd", {}).get(challenger, {}).get(PRIMARY)
     if effect:
         out["primary"] = {"effect": effect, "smallest": cfg["smallest_effect"],
                           "verdict": primary_verdict(out, Paired(**effect), cfg)}
@@ -131,8 +143,8 @@ def summarize(doc: dict) -> dict:
 def primary_verdict(summary: dict, effect: Paired, cfg: dict) -> str:
     """The registered wording, refused a direction when the gate failed."""
     gate = summary.get("headroom", {})
-    words = verdict(effect, cfg["smallest_effect"], "ATKD better than KD",
-                    "ATKD worse than KD")
+    better, worse = VERDICT_WORDS[(cfg.get("baseline", "kd"), cfg.get("challenger", "atkd"))]
+    words = verdict(effect, cfg["smallest_effect"], better, worse)
     if gate and not gate["passed"]:
         return (f"no headroom: KD cut the test KL by only {gate['kd_kl_cut']:.3f} nats "
                 f"(< {gate['needed']:g}), so this run cannot test the claim; {words}")
@@ -213,6 +225,8 @@ def headline(doc: dict, summary: dict) -> str:
 def tables(doc: dict, summary: dict) -> str:
     """Per setting: floor, ceiling and every arm on every metric; arm − KD paired."""
     names = [*prompt_metrics(doc), *(_name(m) for m in CACHE_METRICS)]
+    base = baseline_arms(doc)[0]
+    versus = "KD" if base == "kd" else base
     out = []
     for setting, s in summary["settings"].items():
         if not s["table"]:
@@ -234,10 +248,10 @@ def tables(doc: dict, summary: dict) -> str:
             out.append("| teacher (ceiling) | – | " + " | ".join(
                 f"{c[n]:.4f}" for n in names) + " |")
         if s["paired_vs_kd"]:
-            out += ["", "Arm − KD, paired on the same seed (and prompt); mean [95 % interval]: "
-                    "the per-prompt metrics by a bootstrap over seeds and prompts, the cache "
-                    "metrics by a t interval over seeds:", "",
-                    "| arm − KD | " + " | ".join(_label(n) for n in names) + " |",
+            out += ["", f"Arm − {versus}, paired on the same seed (and prompt); mean [95 % "
+                    "interval]: the per-prompt metrics by a bootstrap over seeds and prompts, "
+                    "the cache metrics by a t interval over seeds:", "",
+                    f"| arm − {versus} | " + " | ".join(_label(n) for n in names) + " |",
                     "|---|" + "---|" * len(names)]
             for arm, row in s["paired_vs_kd"].items():
                 out.append(f"| {arm} | " + " | ".join(_interval(row[n]) for n in names) + " |")

@@ -1,0 +1,328 @@
+"""On-policy rounds against the study's off-policy KD: the registered comparison of
+docs/on-policy.md (issue 31).
+
+The study's setup (atkd_cache/recipes/study.py: the fp32 SmolLM2 teacher, the chitchat
+splits, the KJV-healed student, greedy test replies against the teacher's) with four arms
+that each see the same number of replies once:
+    offpolicy-kd             the teacher's sampled replies to the training prompts (the
+                             study's KD arm: one epoch, cosine to 0 with 3 % warm-up)
+    onpolicy-kd              `rounds` on-policy rounds from the healed student
+                             (atkd_cache/recipes/on_policy.py), KD over the teacher's top-k
+                             at the student's own states
+    onpolicy-rkl             the same rounds with the per-token reverse-KL estimator
+    offpolicy-then-onpolicy  the teacher's replies to the first half of the prompts, then
+                             rounds on the second half (Qwen3's order)
+The on-policy rounds train at a constant rate (the loop's schedule); every arm searches the
+same lr grid on validation (seed 0) and runs every seed at its choice. The primary
+comparison (onpolicy-kd − offpolicy-kd, ROUGE-L to the teacher's greedy replies) runs first,
+so a stopped run still has it.
+
+    atkd-cache on-policy-study [--workdir runs/on-policy-study] [--smoke] ...
+
+Stages: 1 teacher, 2 data, 3 caches, 4 student (+ floor and ceiling), 5 primary arms' grid
+and seeds, 6 the other arms' grid and seeds, 7 report. Every stage resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from atkd_cache import assets
+from atkd_cache.cache import open_cache
+from atkd_cache.data import DataSpec, load_rows
+from atkd_cache.dump import DumpConfig, dump_teacher
+from atkd_cache.errors import UserError
+from atkd_cache.losses.kd import LossConfig
+from atkd_cache.recipes import study
+from atkd_cache.recipes.files import write_jsonl_once
+from atkd_cache.recipes.on_policy import OnPolicyConfig, run_on_policy
+from atkd_cache.recipes.stats import Paired, seed_interval
+from atkd_cache.recipes.study_config import ON_POLICY_ARMS, OnPolicyStudyConfig
+from atkd_cache.recipes.study_report import (
+    PRIMARY,
+    _interval,
+    _runs,
+    grid_table,
+    run_value,
+    summarize,
+    tables,
+)
+
+DESIGN = "on-policy-1"
+STAGES = {"1": "teacher", "2": "data", "3": "caches", "4": "student (healing + floor and "
+          "ceiling scores)", "5": "primary arms (grid + seeds)", "6": "other arms (grid + "
+          "seeds)", "7": "report"}
+
+
+def check(cfg: OnPolicyStudyConfig) -> None:
+    """Refuse, in one line, a design whose arms would not see the same replies."""
+    unknown = [a for a in cfg.arms if a not in ON_POLICY_ARMS]
+    if unknown:
+        raise UserError(f"unknown arm {unknown[0]!r}: arms {', '.join(ON_POLICY_ARMS)}")
+    if cfg.baseline not in cfg.arms or cfg.challenger not in cfg.arms:
+        raise UserError(f"the comparison needs its baseline {cfg.baseline} and challenger "
+                        f"{cfg.challenger} among --arms")
+    offpolicy = cfg.train_prompts * cfg.responses
+    onpolicy = cfg.rounds * cfg.prompts_per_round * cfg.rollouts
+    if offpolicy != onpolicy:
+        raise UserError(f"unequal budgets: the off-policy arm sees {offpolicy} replies "
+                        f"(--train-prompts x --responses), the rounds {onpolicy} (--rounds x "
+                        f"--prompts-per-round x --rollouts): make them equal")
+    if "offpolicy-then-onpolicy" in cfg.arms and (cfg.rounds < 2 or cfg.responses
+                                                  != cfg.rollouts):
+        raise UserError("offpolicy-then-onpolicy splits the budget in half: it needs --rounds "
+                        "≥ 2 and --responses equal to --rollouts")
+
+
+def half_prompts(cfg: OnPolicyStudyConfig) -> int:
+    """offpolicy-then-onpolicy: the teacher's replies to this many prompts, then rounds on
+    the rest (rounds // 2 rounds' worth each side, so the budget stays equal)."""
+    return (cfg.rounds // 2) * cfg.prompts_per_round
+
+
+def split_data(cfg: OnPolicyStudyConfig, data: dict[str, str]) -> dict[str, str]:
+    """The training prompts' second half as its own file (the mixed arm's rounds)."""
+    rows = load_rows(DataSpec(source=data["train-teacher"], messages_field="messages"))
+    rest = [{"messages": r["messages"]} for r in rows][half_prompts(cfg):]
+    path = os.path.join(cfg.workdir, "data", f"train-teacher-rest-{len(rest)}.jsonl")
+    return {**data, "train-rest": write_jsonl_once(path, rest)}
+
+
+def half_cache(cfg: OnPolicyStudyConfig, teacher: str, data: dict[str, str]) -> str:
+    """The teacher's sampled replies to the first half of the prompts (the same seeds as the
+    main training cache, so the same replies)."""
+    out = os.path.join(cfg.workdir, "caches", f"train-teacher-half-{half_prompts(cfg)}")
+    spec = DataSpec(source=data["train-teacher"], messages_field="messages",
+                    max_length=cfg.prompt_tokens + cfg.max_new_tokens, limit=half_prompts(cfg))
+    dump_teacher(DumpConfig(model=teacher, data=spec, output=out, top_k=cfg.top_k,
+                            batch_tokens=4096, batch_size=None, progress=False, generate=True,
+                            num_responses=cfg.responses, gen_temperature=cfg.temperature,
+                            max_new_tokens=cfg.max_new_tokens, seed=0), log=lambda m: None)
+    return out
+
+
+def _summary(folder: str) -> dict:
+    path = os.path.join(folder, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_rounds(cfg: OnPolicyStudyConfig, arm: str, lr: float, seed: int, student: str,
+                 teacher: str, data: dict[str, str], caches: dict[str, str]) -> dict:
+    """One on-policy arm's run (`atkd-cache on-policy` in its own folder); what it spent:
+    student updates, tokens trained on, replies, teacher tokens scored."""
+    out = os.path.join(cfg.workdir, "runs", "teacher", arm, f"lr{lr:g}-seed{seed}")
+    mixed = arm == "offpolicy-then-onpolicy"
+    rounds = cfg.rounds - cfg.rounds // 2 if mixed else cfg.rounds
+    op = OnPolicyConfig(
+        student=student, teacher=teacher, data=data["train-rest" if mixed else "train-teacher"],
+        output=out, rounds=rounds, prompts_per_round=cfg.prompts_per_round,
+        messages_field="messages", max_length=cfg.prompt_tokens + cfg.max_new_tokens,
+        num_responses=cfg.rollouts, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.rollout_temperature, top_k=cfg.top_k, dtype="fp32",
+        loss=LossConfig(**ON_POLICY_ARMS[arm]), lr=lr, batch_tokens=cfg.batch_tokens,
+        checkpoint_every=50, seed=seed, start_cache=caches["train-half"] if mixed else None,
+        progress=False)
+    res = run_on_policy(op, log=lambda m: None)
+    trained = [_summary(os.path.join(out, f"round-{r:03d}", "train"))
+               for r in range(0 if mixed else 1, rounds + 1)]
+    done = [res["rounds"][str(r)] for r in range(1, rounds + 1)]
+    offpolicy = open_cache(caches["train-half"]) if mixed else None
+    return {"out": os.path.dirname(done[-1]["student"]),
+            "steps": sum(t.get("steps", 0) for t in trained),
+            "tokens": sum(t.get("tokens_seen", 0) for t in trained),
+            "replies": sum(d["replies"] for d in done) + (len(offpolicy) if offpolicy else 0),
+            "teacher_tokens_scored": sum(d["teacher_tokens_scored"] for d in done)
+            + (offpolicy.num_supervised if offpolicy else 0),
+            "rounds": {r: res["rounds"][str(r)]["seconds"] for r in range(1, rounds + 1)},
+            "loss": ON_POLICY_ARMS[arm], "lr": lr, "seed": seed}
+
+
+def train_offpolicy(cfg: OnPolicyStudyConfig, lr: float, seed: int, student: str,
+                    caches: dict[str, str]) -> dict:
+    """The study's KD arm on the teacher's replies (its own folder name: runs/teacher/kd)."""
+    run = study.train_arm(cfg, "teacher", "kd", lr, seed, student, caches)
+    train_cache = open_cache(caches["train-teacher"])
+    return {**run, "loss": ON_POLICY_ARMS["offpolicy-kd"], "replies": len(train_cache),
+            "teacher_tokens_scored": train_cache.num_supervised}
+
+
+def arms_stage(st: study.Stage, arms: list[str]) -> None:
+    """Grid (seed 0, validation, ties to the earlier lr) then every seed on test, for `arms`."""
+    cfg, doc = st.cfg, st.results.doc
+    doc["lrs_searched"] = list(cfg.lrs)
+    for arm in arms:
+        if arm in doc.get("best_lr", {}):
+            continue
+        vals = [np.mean(st.run("teacher", arm, lr, cfg.seeds[0], "val")["val"]["per_prompt"]
+                        [PRIMARY]) for lr in cfg.lrs]
+        doc.setdefault("best_lr", {})[arm] = cfg.lrs[int(np.argmax(vals))]
+        st.results.save()
+        st.log(f"  {arm}: lr {doc['best_lr'][arm]:g} chosen on validation")
+    for seed in cfg.seeds:  # seed by seed: a stopped run still has whole paired seeds
+        for arm in arms:
+            st.run("teacher", arm, doc["best_lr"][arm], seed, "test")
+
+
+def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
+    """Run (or continue) every stage; returns the results document."""
+    from atkd_cache.models import load_tokenizer
+
+    check(cfg)
+    os.makedirs(cfg.workdir, exist_ok=True)
+    results = study.Results(cfg.results or os.path.join(cfg.workdir, "results.json"), cfg,
+                            design=DESIGN)
+    t0, timer = time.perf_counter(), {}
+
+    def stage(n: int | None, what: str = "") -> None:
+        if timer:
+            k, since = timer.popitem()
+            if not results.finished:
+                results.doc["stages"][k] = (results.doc["stages"].get(k, 0.0)
+                                            + time.perf_counter() - since)
+                results.save()
+        if n is not None:
+            log(f"[{n}/7 at {time.perf_counter() - t0:.0f}s] {what}")
+            timer[str(n)] = time.perf_counter()
+
+    stage(1, "teacher: SmolLM2-135M-Instruct (GGUF -> HF folder, once)")
+    teacher = assets.smollm2_folder(os.path.join(cfg.workdir, "assets"), dtype="fp32")
+    tokenizer = load_tokenizer(teacher)
+    stage(2, "data: the study's chitchat splits")
+    data = split_data(cfg, study.write_data(cfg, tokenizer))
+    stage(3, "caches: the study's, and the teacher's replies to the first half of the prompts")
+    caches = study.build_caches(cfg, teacher, data, log)
+    if "offpolicy-then-onpolicy" in cfg.arms:
+        caches["train-half"] = half_cache(cfg, teacher, data)
+    evals = {split: study.eval_set(data[split], caches[f"{split}-teacher"], tokenizer)
+             for split in ("val", "test")}
+    results.doc["data"] = {"test_prompts": len(evals["test"].prompts),
+                           "val_prompts": len(evals["val"].prompts)}
+    stage(4, f"student: {cfg.layers} of 30 layers, healed by KD on KJV verses")
+    student = study.build_student(cfg, teacher, caches, results, log)
+    loaded = {}
+
+    def teacher_model():
+        if "m" not in loaded:
+            loaded["m"] = study._load(teacher)
+        return loaded["m"]
+
+    def trainer(setting: str, arm: str, lr: float, seed: int) -> dict:
+        if arm == "offpolicy-kd":
+            return train_offpolicy(cfg, lr, seed, student, caches)
+        # (offpolicy-then-onpolicy: its off-policy half is round 0, on caches["train-half"])
+        return train_rounds(cfg, arm, lr, seed, student, teacher, data, caches)
+
+    st = study.Stage(cfg, student, caches, evals, results, tokenizer, teacher_model, log,
+                     trainer=trainer)
+    study.baselines(st)
+    primary = [cfg.baseline, cfg.challenger]
+    stage(5, f"primary arms {primary}: lr {cfg.lrs} on validation (seed {cfg.seeds[0]}), "
+             f"then seeds {cfg.seeds} on test")
+    arms_stage(st, primary)
+    others = [a for a in cfg.arms if a not in primary]
+    stage(6, f"other arms {others}: the same grid and seeds")
+    arms_stage(st, others)
+    stage(7, "report")
+    stage(None)
+    results.doc["complete"] = True
+    results.doc["seconds"] = sum(results.doc["stages"].values())
+    results.save()
+    text = format_report(results.doc)
+    with open(os.path.join(cfg.workdir, "report.md"), "w") as f:
+        f.write(text + "\n")
+    log(text)
+    return results.doc
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def budget_table(doc: dict) -> str:
+    """What each arm spent at its chosen lr, mean over seeds: replies, student updates,
+    tokens trained on, teacher tokens scored."""
+    lines = ["| arm | replies | student updates | tokens trained on | teacher tokens scored |",
+             "|---|---|---|---|---|"]
+    for arm in doc["config"]["arms"]:
+        lr = doc.get("best_lr", {}).get(arm)
+        runs = [doc["runs"][k] for k in doc["runs"]
+                if lr is not None and k.startswith(f"teacher/{arm}/lr{lr:g}/") and
+                "test" in doc["runs"][k]]
+        if runs:
+            cells = [np.mean([r.get(k) or 0 for r in runs]) for k in
+                     ("replies", "steps", "tokens", "teacher_tokens_scored")]
+            lines.append(f"| {arm} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def headline(doc: dict) -> str:
+    """The gate, the primary comparison (bootstrap and t over seed means), the verdict."""
+    summary = summarize(doc)
+    cfg = doc["config"]
+    lines = []
+    gate = summary.get("headroom")
+    if gate:
+        lines.append(f"Headroom gate: off-policy KD cut the test KL to the teacher by "
+                     f"{gate['kd_kl_cut']:.3f} nats from the start (needed ≥ "
+                     f"{gate['needed']:g}): " + ("passed." if gate["passed"] else
+                                                 "FAILED — no headroom."))
+    p = summary.get("primary")
+    if not p:
+        return "\n".join(lines + ["(the primary arms are not scored on test yet)"])
+    e = p["effect"]
+    base, chal = _runs(doc, "teacher", cfg["baseline"]), _runs(doc, "teacher", cfg["challenger"])
+    seeds = sorted(set(base) & set(chal))
+    t = seed_interval([run_value(chal[s], PRIMARY) - run_value(base[s], PRIMARY)
+                       for s in seeds])
+    lines.append(f"Primary (registered): {cfg['challenger']} − {cfg['baseline']} in ROUGE-L of "
+                 f"greedy replies vs the teacher's, {e['seeds']} seed(s) x {e['prompts']} test "
+                 f"prompts: {_interval(e)} (bootstrap over seeds and prompts)"
+                 + (f"; t interval over the {t.seeds} seed means [{t.low:+.4f}, {t.high:+.4f}]"
+                    f", minimum detectable effect {t.mde:.4f}" if t.seeds > 1 else "")
+                 + f"; smallest effect worth detecting {p['smallest']:g}.")
+    words = p["verdict"]
+    if 1 < len(seeds) < 5:  # the registration: the verdict from the t interval under 5 seeds
+        from atkd_cache.recipes.stats import verdict
+        from atkd_cache.recipes.study_report import VERDICT_WORDS
+
+        better, worse = VERDICT_WORDS[(cfg["baseline"], cfg["challenger"])]
+        words = verdict(Paired(**t.to_json()), cfg["smallest_effect"], better, worse)
+        words += f" — from the t interval over {len(seeds)} seed means, as registered"
+    lines.append(f"Verdict: {words}.")
+    if not doc.get("complete"):
+        done = sum("test" in r for r in doc["runs"].values())
+        lines.append(f"(Incomplete: {done} runs scored on test so far; the comparison resumes "
+                     f"from this file.)")
+    return "\n".join(lines)
+
+
+def format_report(doc: dict) -> str:
+    """The comparison's report as Markdown, every figure from the results file."""
+    st = doc.get("stages", {})
+    times = ["| stage | seconds |", "|---|---|"] + [
+        f"| {k} {STAGES.get(k, '')} | {v:,.0f} |" for k, v in sorted(st.items())]
+    total = sum(st.values())
+    times.append(f"| **total** | **{total:,.0f}** ({total / 3600:.2f} h) |")
+    parts = [headline(doc), tables(doc, summarize(doc)),
+             "What each arm spent (its chosen lr, mean over seeds):\n\n" + budget_table(doc),
+             "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):\n\n"
+             + grid_table(doc) if doc.get("best_lr") else "", "\n".join(times)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def load_results(path: str) -> dict:
+    """A results file of this comparison, or one line saying why it is not one."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable results file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("design") != DESIGN:
+        raise UserError(f"{path}: not a results file of `atkd-cache on-policy-study`")
+    return doc
