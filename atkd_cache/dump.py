@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from atkd_cache import __version__
 from atkd_cache.cache.schema import ENCODINGS, MAX_SAMPLES, MODES, CacheCard, SequenceRecord
+from atkd_cache.cache.text import text_card, tokenizer_files
 from atkd_cache.cache.writer import CacheWriter, committed_prefix
 from atkd_cache.data import (
     DataSpec,
@@ -526,8 +527,12 @@ def dump_teacher(cfg: DumpConfig, log=print) -> DumpSummary:
     if teacher.extra or cfg.extra:  # provenance outside the fingerprint (which engine
         card.extra = {**card.extra, **(teacher.extra or {}), **cfg.extra}  # served it ...)
 
+    files = tokenizer_files(tokenizer)  # the cache knows its text (cache/text.py)
+    card.text = text_card(tokenizer, files)
+
     unfinished = 0  # replies of this run without an EOS within max_new_tokens
-    with CacheWriter(cfg.output, card, rank, world) as writer, ThreadPoolExecutor(1) as pool:
+    with CacheWriter(cfg.output, card, rank, world, tokenizer_files=files) as writer, \
+            ThreadPoolExecutor(1) as pool:
         done = {row["index"]: row for row in writer.committed}
         for i, row in done.items():
             start, end = windows[i] if i < len(windows) else (-1, -1)

@@ -11,7 +11,7 @@ import sys
 import click
 
 from atkd_cache.errors import UserError
-from atkd_cache.losses.names import BASES, LOSSES, MIXES, SPLITS, TAILS
+from atkd_cache.losses.names import BASES, CROSS_TOKENIZER, LOSSES, MIXES, SPLITS, TAILS
 from atkd_cache.recipes.study_config import (
     OnPolicyStudyConfig,
     StudyConfig,
@@ -290,6 +290,13 @@ def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: 
 @click.option("--skew", type=float, default=0.1, show_default=True, help="skl/srkl alpha.")
 @click.option("--discount", type=float, default=1.0, show_default=True,
               help="rkl-tokens: discount of the per-token terms' returns (1 = exact).")
+@click.option("--cross-tokenizer", type=click.Choice(CROSS_TOKENIZER), default=None,
+              help="A student with another tokenizer than the teacher's: the cache's text is "
+                   "re-tokenized and cut into byte-aligned chunks; alm (chunk likelihoods), "
+                   "uld (sorted distance) or gold (matched vocabulary + sorted distance). "
+                   "Replaces --loss; CE with --ce-weight (docs/losses.md section 9).")
+@click.option("--chunk-temperature", type=float, default=1.0, show_default=True,
+              help="alm: temperature on the chunk log-likelihoods.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True,
               help="Padded (or packed) tokens per micro-batch.")
 @click.option("--pack", is_flag=True, default=False, help="Pack sequences into one row.")
@@ -345,6 +352,8 @@ def train_student_cmd(**kw) -> None:
         ce_weight=kw.pop("ce_weight"), temperature=kw.pop("temperature"),
         beta=kw.pop("beta"), skew=kw.pop("skew"), mix=kw.pop("mix"),
         teacher_weights=parse_weights(kw.pop("teacher_weights")), discount=kw.pop("discount"),
+        cross_tokenizer=kw.pop("cross_tokenizer") or "",
+        chunk_temperature=kw.pop("chunk_temperature"),
     )
     caches = list(kw.pop("cache"))
     kw["cache"] = caches[0] if len(caches) == 1 else caches
@@ -355,7 +364,8 @@ def train_student_cmd(**kw) -> None:
     )
     kw["progress"] = not kw.pop("no_progress")
     kw["tensorboard"] = not kw.pop("no_tensorboard")
-    kw["fused_head"] = not kw.pop("no_fused_head")
+    # (the cross-tokenizer losses read [N, V] rows: no fused head for them yet)
+    kw["fused_head"] = not kw.pop("no_fused_head") and not loss.cross_tokenizer
     summary = train(TrainConfig(loss=loss, loader=loader, **kw),
                     log=lambda m: click.echo(m, err=True))
     click.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} supervised tokens "

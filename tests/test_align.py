@@ -8,13 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from atkd_cache import tiny
-from atkd_cache.train.align import (
-    byte_alphabet,
-    byte_ends,
-    chunks,
-    is_byte_level,
-    token_bytes,
-)
+from atkd_cache.cache.text import byte_alphabet, is_byte_level, token_bytes
+from atkd_cache.train.align import byte_ends, chunks
 
 TEXTS = [
     "The cat sat on the mat.",

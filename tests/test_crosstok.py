@@ -83,7 +83,8 @@ def test_alm_with_chunks_from_two_real_tokenizations(tmp_path):
     from transformers import AutoTokenizer
 
     from atkd_cache import tiny
-    from atkd_cache.train.align import byte_ends, chunks, token_bytes
+    from atkd_cache.cache.text import token_bytes
+    from atkd_cache.train.align import byte_ends, chunks
 
     toks = []
     for name, size, seed in (("t", 300, 0), ("s", 420, 5)):
@@ -106,3 +107,114 @@ def test_alm_with_chunks_from_two_real_tokenizations(tmp_path):
     assert float(got.detach()) == pytest.approx(want, rel=1e-12)
     # the tokenizations do differ: some chunk holds several tokens of one side
     assert any(a_hi - a_lo > 1 or b_hi - b_lo > 1 for a_lo, a_hi, b_lo, b_hi in cut)
+
+
+# ------------------------------------------------------------------ ULD and GOLD
+
+
+def uld_reference(q: list[float], support: list[tuple[float, bool]]) -> float:
+    """Boizard et al.'s sorted L1, literally: the teacher's vector (its valid support masses,
+    the tail 1 - their sum, zeros to the student's size) and the student's whole vector, each
+    sorted in decreasing order, then sum |difference|."""
+    p = [m for m, ok in support if ok]
+    p = p + [max(0.0, 1.0 - sum(p))]
+    p = sorted(p + [0.0] * (len(q) - len(p)), reverse=True)
+    return sum(abs(a - b) for a, b in zip(p, sorted(q, reverse=True), strict=True))
+
+
+def gold_reference(q: list[float], support: list[tuple[float, bool, int]]) -> float:
+    """GOLD per chunk from its definition: matched = valid support entries with a student id
+    (first of each student id); forward KL over the matched entries plus one bucket for the
+    rest on each side; plus the sorted L1 between the unmatched teacher masses and the
+    student's largest masses outside the matched ids, as many as there are unmatched."""
+    seen, matched, unmatched = set(), [], []
+    for m, ok, sid in support:
+        if not ok:
+            continue
+        if sid >= 0 and sid not in seen:
+            seen.add(sid)
+            matched.append((m, sid))
+        elif sid < 0:
+            unmatched.append(m)
+    kl = sum(m * (math.log(m) - math.log(q[sid])) for m, sid in matched if m > 0)
+    p_rest = 1.0 - sum(m for m, _ in matched)
+    q_rest = 1.0 - sum(q[sid] for _, sid in matched)
+    if p_rest > 0:
+        kl += p_rest * (math.log(p_rest) - math.log(q_rest))
+    others = sorted((v for i, v in enumerate(q) if i not in seen), reverse=True)
+    return kl + sum(abs(a - b) for a, b in zip(sorted(unmatched, reverse=True), others))
+
+
+def _chunk_case(seed: int, vocab: int = 23, k: int = 6, n: int = 7):
+    """Student logits at n chunk starts, a teacher support (target + top-k) whose ids some
+    student tokens share (a random map, some -1, and two teacher ids onto one student id)."""
+    from atkd_cache.losses.bucket import support_columns
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    t_lp = torch.log_softmax(torch.randn(n, 40, generator=g, dtype=torch.float64) * 2, -1)
+    top = t_lp.topk(k, dim=-1)
+    target = torch.where(torch.rand(n, generator=g) < 0.5, top.indices[:, 0],
+                         torch.randint(40, (n,), generator=g))
+    ids, valid = support_columns(top.indices, target)
+    lp = torch.cat([t_lp.gather(1, target[:, None]), top.values], 1)
+    mapping = torch.randint(vocab, (40,), generator=g)
+    mapping[torch.rand(40, generator=g) < 0.3] = -1
+    mapping[top.indices[0, 0]] = mapping[top.indices[0, 1]] = 4  # two teacher ids, one token
+    mapping[top.indices[1]] = -1  # a chunk start where no top-k token exists in the student
+    sids = mapping[ids]
+    assert ((sids < 0) & valid).any() and ((sids >= 0) & valid).any()
+    return logits, lp, valid, sids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_uld_and_gold_equal_their_definitions_value_and_gradient(seed):
+    from atkd_cache.losses.crosstok import gold_terms, uld_terms
+
+    logits, lp, valid, sids = _chunk_case(seed)
+    for name, fn, ref in (
+        ("uld", lambda lq: uld_terms(lq, lp, valid), lambda q, r: uld_reference(
+            q, list(zip(lp[r].exp().tolist(), valid[r].tolist(), strict=True)))),
+        ("gold", lambda lq: gold_terms(lq, lp, valid, sids), lambda q, r: gold_reference(
+            q, list(zip(lp[r].exp().tolist(), valid[r].tolist(), sids[r].tolist(),
+                        strict=True)))),
+    ):
+        got = fn(torch.log_softmax(logits, -1))
+        for r in range(logits.shape[0]):
+            q = torch.softmax(logits[r].detach(), -1).tolist()
+            assert float(got[r].detach()) == pytest.approx(ref(q, r), rel=1e-10, abs=1e-12), \
+                (name, r)
+        (grad,) = torch.autograd.grad(got.sum(), logits)
+        for row, col in ((0, 0), (3, 4), (6, 11)):
+            step = 1e-6
+            vals = []
+            for sign in (1, -1):
+                z = logits.detach().clone()
+                z[row, col] += sign * step
+                vals.append(ref(torch.softmax(z[row], -1).tolist(), row))
+            numeric = (vals[0] - vals[1]) / (2 * step)
+            assert float(grad[row, col]) == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
+
+
+def test_gold_with_every_id_matched_is_the_single_tokenizer_kd():
+    """One tokenizer: every support id is its own student id, so GOLD is the KD base over
+    the bucketed top-k (losses/kd.py row_terms), for every base divergence."""
+    from atkd_cache.losses.bucket import support_columns
+    from atkd_cache.losses.crosstok import gold_terms
+
+    g = torch.Generator().manual_seed(3)
+    n, vocab, k = 9, 31, 5
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    t_lp = torch.log_softmax(torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    top = t_lp.topk(k, dim=-1)
+    target = torch.where(torch.arange(n) % 2 == 0, top.indices[:, 1],
+                         torch.randint(vocab, (n,), generator=g))
+    teacher = SparseTeacher(topk_ids=top.indices, topk_logprobs=top.values, target_ids=target,
+                            target_logprob=t_lp.gather(1, target[:, None])[:, 0],
+                            hard=torch.ones(n, dtype=torch.bool))
+    ids, valid = support_columns(top.indices, target)
+    lp = torch.cat([teacher.target_logprob[:, None], top.values], 1)
+    for base in ("fkl", "rkl", "jsd", "tvd"):
+        want = row_terms(logits, teacher, LossConfig(loss="kd", base=base))[base]
+        got = gold_terms(torch.log_softmax(logits, -1), lp, valid, ids, base, beta=0.5)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -40,6 +40,7 @@ SHARDS_GROUP = "shards"
 TMP_DIR = ".tmp"
 PARTS_DIR = "parts"
 LOCK_FILE = ".lock"
+TOKENIZER_DIR = "tokenizer"  # the teacher tokenizer's files (card.text), written before the card
 
 # Per-sequence arrays have one row per sequence (+1 for offsets); per-token arrays one row per
 # token of every sequence; per-position arrays one row per *supervised* position; sample
@@ -225,6 +226,11 @@ class CacheCard:
     # (teacher/server.py PROBE_TEXT), its numeric fingerprint: servers of another dtype or
     # build answer differently. Compared within PROBE_TOLERANCE; [] for the other backends.
     teacher_probe: list[float] = field(default_factory=list)
+    # The text the teacher scored (cross-tokenizer students): {"tokenizer": folder under the
+    # cache holding the teacher tokenizer's files, "files": {name: sha256}, "byte_level":
+    # whether its tokens are exact bytes}. {} in caches made before it was stored. Not part
+    # of the content fingerprint: tokenizer_fingerprint already says which tokenizer it is.
+    text: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_at: str = ""
@@ -233,12 +239,12 @@ class CacheCard:
     # Fields allowed to differ between a cache and a run that resumes it (planned_shards
     # follows from data_fingerprint and shard_positions, which must match; caches made
     # before it was recorded hold 0).
-    VOLATILE = ("created_at", "planned_shards")
+    VOLATILE = ("created_at", "planned_shards", "text")
     # Fields that do not change what a cache holds: where the data and teacher were read
     # from (their content is fingerprinted), storage layout, provenance.
     NOT_CONTENT = ("created_at", "fingerprint", "tool_version", "shard_positions",
                    "data_source", "data_split", "data_limit", "extra", "format_version",
-                   "planned_shards")
+                   "planned_shards", "text")
 
     def content_fingerprint(self) -> str:
         """sha256 over everything that decides the cache's arrays: teacher (weights hash, or
@@ -261,7 +267,7 @@ class CacheCard:
         """The card as JSON-able Zarr attributes (no `generation` key for a cache of given
         sequences: its card stays what writers before --generate wrote)."""
         attrs = dataclasses.asdict(self)
-        for key in ("generation", "teacher_probe"):  # absent where unused: older cards stay
+        for key in ("generation", "teacher_probe", "text"):  # absent where unused: older cards stay
             if not attrs[key]:
                 del attrs[key]
         return attrs

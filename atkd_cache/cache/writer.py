@@ -53,6 +53,7 @@ from atkd_cache.cache.schema import (
     PARTS_DIR,
     SHARDS_GROUP,
     TMP_DIR,
+    TOKENIZER_DIR,
     CacheCard,
     SequenceRecord,
     array_codecs,
@@ -140,7 +141,8 @@ class CacheWriter:
     """
 
     def __init__(
-        self, path: str | os.PathLike, card: CacheCard, rank: int = 0, world_size: int = 1
+        self, path: str | os.PathLike, card: CacheCard, rank: int = 0, world_size: int = 1,
+        tokenizer_files: dict[str, bytes] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -153,6 +155,9 @@ class CacheWriter:
             self.base = self.base.rstrip("/")
         self.root = Path(self.url.removeprefix("file://"))  # local caches only
         self.card = card
+        # the teacher tokenizer's files (name -> bytes), stored under tokenizer/ before the
+        # card (whose `text` lists their sha256s) when the cache is created
+        self.tokenizer_files = tokenizer_files or {}
         self.rank, self.world_size = rank, world_size
         self.dtypes = array_dtypes(card.logits_width, card.logprob_dtype)
         self._lock_fds: list[int] = []
@@ -254,7 +259,7 @@ class CacheWriter:
         except OSError as e:
             reason = e.strerror or str(e)
             raise UserError(f"cannot write the cache at {self.url}: {reason}") from None
-        allowed = (TMP_DIR, SHARDS_GROUP, PARTS_DIR)
+        allowed = (TMP_DIR, SHARDS_GROUP, PARTS_DIR, TOKENIZER_DIR)
         if not self._exists("zarr.json") and any(
             name not in allowed and not name.startswith(LOCK_FILE) for name in self._listdir()
         ):
@@ -329,6 +334,10 @@ class CacheWriter:
             # mode="a" is check-then-create: on an object store another rank can create the
             # group in between (seen with 2 ranks on S3); then it exists, which is the goal
             pass
+        if not self.remote and self.tokenizer_files:
+            (self.root / TOKENIZER_DIR).mkdir(exist_ok=True)
+        for name, data in sorted(self.tokenizer_files.items()):
+            self._put_bytes(data, TOKENIZER_DIR, name)
         with tempfile.TemporaryDirectory() as staging:
             zarr.open_group(staging, mode="w", attributes=self.card.to_attrs())
             if self.remote:

@@ -18,7 +18,7 @@ import torch
 
 from atkd_cache.losses.bucket import BucketedPair, bucketize
 from atkd_cache.losses.divergences import DIVERGENCES, divergence
-from atkd_cache.losses.names import LOSSES, MIXES, SPLITS
+from atkd_cache.losses.names import CROSS_TOKENIZER, LOSSES, MIXES, SPLITS
 from atkd_cache.losses.onpolicy import rkl_token_weights
 from atkd_cache.losses.sampled import sampled_terms
 from atkd_cache.split import hard_labels, hard_labels_grouped
@@ -67,6 +67,10 @@ class LossConfig:
     # rkl-tokens (losses/onpolicy.py): the discount of the per-token terms' returns (1: the
     # exact sequence-level reverse-KL gradient; 0: tinker-cookbook's frozen-prefix form)
     discount: float = 1.0
+    # a student of another tokenizer (losses/crosstok.py): "" (same tokenizer) | alm | uld |
+    # gold; ALM's temperature on the chunk log-likelihoods
+    cross_tokenizer: str = ""
+    chunk_temperature: float = 1.0
 
     def check(self) -> None:
         """Raise ValueError on an unknown or out-of-range setting."""
@@ -81,6 +85,11 @@ class LossConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.cross_tokenizer and self.cross_tokenizer not in CROSS_TOKENIZER:
+            raise ValueError(f"cross_tokenizer must be one of {', '.join(CROSS_TOKENIZER)}, "
+                             f"got {self.cross_tokenizer!r}")
+        if self.chunk_temperature <= 0:
+            raise ValueError(f"chunk_temperature must be > 0, got {self.chunk_temperature}")
         if self.mix not in MIXES:
             raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
 

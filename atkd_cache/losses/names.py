@@ -6,3 +6,4 @@ BASES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")  # the divergences, in docs 
 SPLITS = ("cache", "sequence", "batch")
 TAILS = ("bucket", "renorm")
 MIXES = ("mixture", "confident", "route-by-hard")  # how several teachers join
+CROSS_TOKENIZER = ("alm", "uld", "gold")  # students of another tokenizer: losses/crosstok.py

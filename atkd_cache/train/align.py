@@ -7,7 +7,7 @@ mapped to its exact bytes through the byte-level alphabet (each character of a b
 token string stands for one byte), and two tokenizations of one byte string are cut where
 both have a token boundary:
 
-    token_bytes(tokenizer)   bytes of every id (None for an id that has no text)
+    token_bytes(tokenizer)   bytes of every id (cache/text.py: the cache's side)
     byte_ends(ids, table)    the byte offset where each token ends
     chunks(ends_a, ends_b)   [(a_lo, a_hi, b_lo, b_hi)]: token ranges covering the same bytes,
                              cut at every byte offset that ends a token on both sides
@@ -20,62 +20,12 @@ rather than aligned wrong.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 
 import numpy as np
 
-
-def byte_alphabet() -> dict[str, int]:
-    """The byte-level BPE alphabet: character -> the byte it stands for. Printable bytes
-    (33-126, 161-172, 174-255) stand for themselves; the other 68 bytes are given the
-    characters 256, 257, ... in byte order, so no byte maps to whitespace or a control."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    table = {chr(b): b for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
-def is_byte_level(tokenizer) -> bool:
-    """Does the tokenizer's pipeline make tokens byte-level (a ByteLevel pre-tokenizer or
-    decoder, no normaliser that changes the text)?"""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    spec = json.loads(backend.to_str())
-
-    def kinds(node) -> list[str]:
-        if not node:
-            return []
-        if node.get("type") == "Sequence":
-            parts = node.get("pretokenizers") or node.get("decoders") or \
-                node.get("normalizers") or []
-            return [k for p in parts for k in kinds(p)]
-        return [node.get("type", "")]
-
-    byte_level = "ByteLevel" in kinds(spec.get("pre_tokenizer")) + kinds(spec.get("decoder"))
-    return byte_level and not kinds(spec.get("normalizer"))
-
-
-def token_bytes(tokenizer) -> list[bytes | None]:
-    """The exact bytes of every id of a byte-level tokenizer: a vocabulary token through the
-    byte alphabet; an added (special) token as its content in UTF-8, which is how it appears
-    in rendered text (chat template markers)."""
-    alphabet = byte_alphabet()
-    vocab = tokenizer.get_vocab()
-    added = set(tokenizer.get_added_vocab())
-    out: list[bytes | None] = [None] * len(tokenizer)
-    for text, i in vocab.items():
-        if i >= len(out):
-            continue
-        if text in added:
-            out[i] = text.encode("utf-8")
-        elif all(c in alphabet for c in text):
-            out[i] = bytes(alphabet[c] for c in text)
-    return out
+from atkd_cache.cache.text import token_bytes
+from atkd_cache.errors import UserError
 
 
 def byte_ends(ids, table: list[bytes | None]) -> np.ndarray:
@@ -101,3 +51,114 @@ def chunks(ends_a: np.ndarray, ends_b: np.ndarray) -> list[tuple[int, int, int, 
     a_lo = np.concatenate([[0], a_hi[:-1]])
     b_lo = np.concatenate([[0], b_hi[:-1]])
     return [tuple(int(x) for x in row) for row in zip(a_lo, a_hi, b_lo, b_hi, strict=True)]
+
+
+# ------------------------------------------------------- the loader's alignment step
+
+
+@dataclass
+class AlignedSequence:
+    """One cached sequence re-tokenized by the student, cut into chunks that cover the same
+    bytes. Only chunks wholly inside the teacher's supervised spans count (every teacher
+    token in the chunk is a supervised target, and its first student token has a context);
+    their student tokens are the rows the loss reads."""
+
+    student_ids: np.ndarray  # [m] the student's input: its prefix (BOS) + the text's tokens
+    rows: np.ndarray  # [n] student positions whose next token is in a counted chunk
+    target_ids: np.ndarray  # [n] that next token
+    chunk_of_row: np.ndarray  # [n] the counted chunk (0..C-1) each row's token is in
+    teacher_ll: np.ndarray  # [C] sum of the teacher's target log-probs over the chunk
+    first_row: np.ndarray  # [C] index into rows of each chunk's first student token
+    teacher_first: np.ndarray  # [C] the cache row (supervised index) of the chunk's first
+    teacher_first_id: np.ndarray  # [C] the teacher token that starts the chunk
+    chunk_bytes: np.ndarray  # [C] bytes each chunk covers
+    dropped_bytes: int  # bytes past the last valid UTF-8 character (not aligned)
+
+
+class Aligner:
+    """Re-tokenizes cached sequences with the student's tokenizer and cuts both sides into
+    chunks (the loader's alignment step). Picklable: DataLoader workers get a copy."""
+
+    def __init__(self, teacher_table: list[bytes | None], student_tokenizer, where: str = ""):
+        self.teacher_table = teacher_table
+        self.teacher_lengths = np.array([-1 if b is None else len(b) for b in teacher_table],
+                                        dtype=np.int64)
+        self.tokenizer = student_tokenizer
+        self.student_table = token_bytes(student_tokenizer)
+        self.where = where
+        # what the student puts before any text (a BOS), as its own call would
+        self.prefix = np.asarray(student_tokenizer("", add_special_tokens=True)["input_ids"],
+                                 dtype=np.int64)
+        self.vocab_map = vocab_map(teacher_table, self.student_table)
+
+    def align(self, seq) -> AlignedSequence:
+        """Align one CachedSequence (input_ids, supervised, target_logprob)."""
+        t_ids = np.asarray(seq.input_ids, dtype=np.int64)
+        lengths = self.teacher_lengths[t_ids]
+        if (lengths < 0).any():
+            bad = int(t_ids[np.argmax(lengths < 0)])
+            raise UserError(f"teacher token id {bad} has no bytes in the cache's tokenizer "
+                            f"(sequence {seq.seq_id}): its text cannot be aligned")
+        ends = np.cumsum(lengths)
+        data = b"".join(self.teacher_table[i] for i in t_ids.tolist())
+        n_t, dropped = len(t_ids), 0
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:  # a reply cut inside a character, or stray bytes
+            n_t = int(np.searchsorted(ends, e.start, side="right"))  # tokens ending ≤ it
+            cut = int(ends[n_t - 1]) if n_t else 0
+            dropped = len(data) - cut
+            text = data[:cut].decode("utf-8", errors="strict") if n_t else ""
+        body = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                          dtype=np.int64) if text else np.zeros(0, np.int64)
+        if b"".join(self.student_table[i] or b"\0" for i in body.tolist()) != data[
+                :len(data) - dropped]:
+            raise UserError(f"the student's tokenizer does not give back the bytes of "
+                            f"sequence {seq.seq_id}{self.where} (it normalises text or has "
+                            f"tokens without bytes): cross-tokenizer training needs a "
+                            f"byte-level student tokenizer")
+        student_ids = np.concatenate([self.prefix, body])
+        empty = AlignedSequence(student_ids, *(np.zeros(0, np.int64),) * 3,
+                                np.zeros(0), *(np.zeros(0, np.int64),) * 4, dropped)
+        if n_t == 0 or len(body) == 0:
+            return empty
+        s_ends = np.cumsum([len(self.student_table[i]) for i in body.tolist()])
+        cut = np.asarray(chunks(ends[:n_t], s_ends), dtype=np.int64).reshape(-1, 4)
+        a_lo, a_hi, b_lo, b_hi = cut.T
+        sup = np.asarray(seq.supervised[:n_t], dtype=bool)
+        # token j (j ≥ 1) is a supervised target when position j - 1 is supervised
+        cs = np.concatenate([[0], np.cumsum(sup)])
+        keep = (a_lo >= 1) & (b_lo + len(self.prefix) >= 1)
+        a_lo_c = np.maximum(a_lo, 1)
+        keep &= cs[a_hi - 1] - cs[a_lo_c - 1] == a_hi - a_lo_c
+        if not keep.any():
+            return empty
+        a_lo, a_hi, b_lo, b_hi = a_lo[keep], a_hi[keep], b_lo[keep], b_hi[keep]
+        lp_at = np.zeros(len(sup), dtype=np.float64)  # the target log-prob by position
+        lp_at[sup] = np.asarray(seq.target_logprob, dtype=np.float64)[:int(sup.sum())]
+        cl = np.concatenate([[0.0], np.cumsum(lp_at)])
+        sizes = b_hi - b_lo
+        first_row = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        tokens = np.repeat(b_lo - first_row, sizes) + np.arange(int(sizes.sum()))
+        prev = np.concatenate([[0], ends])
+        return AlignedSequence(
+            student_ids=student_ids,
+            rows=tokens + len(self.prefix) - 1,
+            target_ids=body[tokens],
+            chunk_of_row=np.repeat(np.arange(len(sizes)), sizes),
+            teacher_ll=cl[a_hi - 1] - cl[a_lo - 1],
+            first_row=first_row,
+            teacher_first=cs[a_lo - 1],  # supervised rows before position a_lo - 1
+            teacher_first_id=t_ids[a_lo],
+            chunk_bytes=prev[a_hi] - prev[a_lo],
+            dropped_bytes=dropped,
+        )
+
+
+def vocab_map(teacher_table: list[bytes | None], student_table: list[bytes | None]
+              ) -> np.ndarray:
+    """teacher id -> the student id with exactly the same bytes, or -1 (GOLD's matched
+    vocabulary; with one tokenizer, the identity)."""
+    student = {b: i for i, b in enumerate(student_table) if b is not None}
+    return np.array([student.get(b, -1) if b is not None else -1 for b in teacher_table],
+                    dtype=np.int64)

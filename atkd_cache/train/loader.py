@@ -278,6 +278,64 @@ def collate(
     return batch
 
 
+def collate_aligned(seqs: list[CachedSequence], aligned: list, pack: bool,
+                    vocab_map: np.ndarray) -> dict[str, torch.Tensor]:
+    """A cross-tokenizer micro-batch (train/align.py): the student's own token ids as input,
+    `rows` = the student positions whose next token lies in a counted chunk, and the chunk
+    arrays under "chunk." (losses/crosstok.py ChunkTeacher). The teacher's support where
+    each chunk starts is mapped to student ids by exact bytes (`vocab_map`, -1: none)."""
+    lengths = [len(a.student_ids) for a in aligned]
+    if pack:
+        input_ids = np.concatenate([a.student_ids for a in aligned])[None]
+        starts = np.cumsum([0, *lengths[:-1]])
+    else:
+        input_ids = np.zeros((len(aligned), max(lengths)), dtype=np.int64)
+        attention_mask = np.zeros_like(input_ids)
+        for b, a in enumerate(aligned):
+            input_ids[b, : lengths[b]] = a.student_ids
+            attention_mask[b, : lengths[b]] = 1
+        starts = np.arange(len(aligned)) * input_ids.shape[1]
+    row_base = np.cumsum([0, *[len(a.rows) for a in aligned]])
+    chunk_base = np.cumsum([0, *[len(a.teacher_ll) for a in aligned]])
+    batch = {
+        "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+        "rows": torch.from_numpy(np.concatenate(
+            [s + a.rows for s, a in zip(starts, aligned, strict=True)]).astype(np.int64)),
+        "group_offsets": torch.from_numpy(row_base.astype(np.int64)),
+        "seq_index": torch.tensor([s.index for s in seqs], dtype=torch.int64),
+        "target_ids": torch.from_numpy(np.concatenate([a.target_ids for a in aligned])),
+        "real_tokens": torch.tensor(sum(lengths)),
+        "max_id": torch.tensor(int(input_ids.max()) if input_ids.size else 0),
+        "chunk.chunk_of_row": torch.from_numpy(np.concatenate(
+            [c + a.chunk_of_row for c, a in zip(chunk_base[:-1], aligned, strict=True)])),
+        "chunk.teacher_ll": torch.from_numpy(np.concatenate([a.teacher_ll for a in aligned])),
+        "chunk.first_row": torch.from_numpy(np.concatenate(
+            [r + a.first_row for r, a in zip(row_base[:-1], aligned, strict=True)])),
+        "chunk.bytes": torch.from_numpy(np.concatenate([a.chunk_bytes for a in aligned])),
+        "chunk.offsets": torch.from_numpy(chunk_base.astype(np.int64)),
+    }
+    if seqs[0].topk_ids is not None:  # the teacher's support where each chunk starts
+        first = [(s.topk_ids[a.teacher_first], s.topk_logprobs[a.teacher_first],
+                  a.teacher_first_id, s.target_logprob[a.teacher_first])
+                 for s, a in zip(seqs, aligned, strict=True)]
+        topk_ids = np.concatenate([f[0] for f in first]).astype(np.int64)
+        first_ids = np.concatenate([f[2] for f in first]).astype(np.int64)
+        ids = np.concatenate([first_ids[:, None], topk_ids], axis=1)
+        valid = np.ones(ids.shape, dtype=bool)
+        valid[:, 1:] = topk_ids != first_ids[:, None]
+        batch["chunk.support_logprobs"] = torch.from_numpy(np.concatenate(
+            [np.concatenate([f[3] for f in first])[:, None].astype(np.float32),
+             np.concatenate([f[1] for f in first]).astype(np.float32)], axis=1))
+        batch["chunk.support_valid"] = torch.from_numpy(valid)
+        batch["chunk.support_student_ids"] = torch.from_numpy(vocab_map[ids])
+    if pack:
+        batch["position_ids"] = torch.from_numpy(np.concatenate(
+            [np.arange(n) for n in lengths])[None].astype(np.int64))
+    else:
+        batch["attention_mask"] = torch.from_numpy(attention_mask)
+    return batch
+
+
 class ShardReadAhead:
     """Whole shards for one slot, `depth` of them decoded ahead on a background thread while
     the current one is consumed, so a remote cache (s3://, gs:// ...) does not starve the
@@ -382,8 +440,12 @@ class CacheDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         resume: Cursor | None = None,
+        aligner=None,
     ):
         cfg.check()
+        # a student of another tokenizer: each sequence is re-tokenized and cut into chunks
+        # (train/align.py Aligner) before it is collated
+        self.aligner = aligner
         self.paths = [path] if isinstance(path, str) else list(path)
         self.path, self.cfg = self.paths[0], cfg
         self.rank, self.world_size = rank, world_size
@@ -503,7 +565,11 @@ class CacheDataset(IterableDataset):
                     for a, more in zip(aligned, others, strict=True):
                         for s, m in zip(seqs, more, strict=True):
                             same_sequence(s, m, a.cache.path)
-                    batch = collate(seqs, self.cfg.pack, others)
+                    if self.aligner is not None:
+                        batch = collate_aligned(seqs, [self.aligner.align(s) for s in seqs],
+                                                self.cfg.pack, self.aligner.vocab_map)
+                    else:
+                        batch = collate(seqs, self.cfg.pack, others)
                     batch["slot"] = torch.tensor(slot)
                     yield batch
                 for shard, _, _ in refs:

@@ -19,17 +19,19 @@ from atkd_cache.models import load_causal_lm, load_tokenizer
 from atkd_cache.paths import check_output_folder
 
 
-def check_compatible(card: CacheCard, tokenizer, width: int, student: str) -> None:
+def check_compatible(card: CacheCard, tokenizer, width: int | None, student: str) -> None:
     """The student must tokenize exactly as the teacher did and have a logit for every id the
-    tokenizer can produce (a padded, larger logits width is fine)."""
+    tokenizer can produce (a padded, larger logits width is fine; width None: the tokenizer
+    only, checked before the model loads)."""
     mine = tokenizer_fingerprint(tokenizer)
     if mine != card.tokenizer_fingerprint:
         raise UserError(
             f"tokenizer mismatch: student {student} has {mine[:19]}…, the cache's teacher "
-            f"{card.teacher_id} has {card.tokenizer_fingerprint[:19]}…: a student must use "
-            "the teacher's tokenizer (pass --tokenizer, or pick a student of the same family)"
+            f"{card.teacher_id} has {card.tokenizer_fingerprint[:19]}…: train it with "
+            "--cross-tokenizer alm|uld|gold (docs/losses.md section 9), or pass the "
+            "teacher's --tokenizer, or pick a student of the same family"
         )
-    if width < card.tokenizer_vocab_size:
+    if width is not None and width < card.tokenizer_vocab_size:
         raise UserError(
             f"vocabulary mismatch: student {student} has {width} logits, the cache's teacher "
             f"{card.teacher_id} has a vocabulary of {card.tokenizer_vocab_size} ids: the "

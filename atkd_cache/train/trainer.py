@@ -36,12 +36,15 @@ from atkd_cache import __version__
 from atkd_cache.cache.join import check_joinable, joined_identity
 from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.schema import CacheCard
+from atkd_cache.cache.text import is_byte_level, load_text
 from atkd_cache.errors import UserError, first_line
+from atkd_cache.losses.crosstok import ChunkTeacher, crosstok_loss
 from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
 from atkd_cache.losses.teachers import join_teachers, normalise_weights
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
 from atkd_cache.paths import check_output_folder
 from atkd_cache.train import checkpoint, fsdp
+from atkd_cache.train.align import Aligner
 from atkd_cache.train.loader import (
     CacheDataset,
     Cursor,
@@ -108,6 +111,12 @@ class TrainConfig:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--lr must be > 0 and --min-lr-ratio in [0, 1]")
+        if self.loss.cross_tokenizer:
+            if len(cache_paths(self.cache)) > 1:
+                raise UserError("--cross-tokenizer trains on one cache: give one --cache")
+            if self.fused_head:  # (the CLI turns it off; a library caller is told)
+                raise UserError("--cross-tokenizer does not run through the fused LM head yet: "
+                                "pass --no-fused-head")
 
     def to_json(self) -> dict:
         """The config as JSON (run.json, checkpoints)."""
@@ -240,6 +249,27 @@ def batch_teachers(batch: dict, device: torch.device) -> list[SparseTeacher]:
         ))
 
 
+def chunk_teacher(batch: dict, device: torch.device) -> ChunkTeacher:
+    """A cross-tokenizer micro-batch's chunk arrays (loader.collate_aligned) on `device`."""
+    def get(name):
+        key = "chunk." + name
+        return batch[key].to(device, non_blocking=True) if key in batch else None
+
+    return ChunkTeacher(
+        target_ids=batch["target_ids"].to(device, non_blocking=True),
+        chunk_of_row=get("chunk_of_row"), teacher_ll=get("teacher_ll"),
+        first_row=get("first_row"), support_logprobs=get("support_logprobs"),
+        support_valid=get("support_valid"), support_student_ids=get("support_student_ids"))
+
+
+def loss_weight(batch: dict) -> int:
+    """What a micro-batch's loss is a mean over, so that a step's micro-batches add up to
+    one mean: supervised rows, or counted chunks for a student of another tokenizer."""
+    if "chunk.teacher_ll" in batch:
+        return int(batch["chunk.teacher_ll"].numel())
+    return int(batch["rows"].numel())
+
+
 def cache_paths(cache: str | list[str] | tuple[str, ...]) -> list[str]:
     """The cache paths of a run (a run reads one cache, or several teachers' caches)."""
     return [cache] if isinstance(cache, str) else list(cache)
@@ -282,7 +312,7 @@ def accumulate_gradients(
     (losses/fused.py). Returns this rank's share of the weighted loss parts."""
     sums: dict[str, float] = {}
     for i, b in enumerate(micro):
-        n = int(b["rows"].numel())
+        n = loss_weight(b)
         last = i == len(micro) - 1
         sync = contextlib.nullcontext()
         if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
@@ -290,6 +320,15 @@ def accumulate_gradients(
         elif d.world > 1 and not last:
             sync = net.no_sync()
         with sync:
+            if "chunk.teacher_ll" in b:  # a student of another tokenizer
+                with autocast or contextlib.nullcontext():
+                    logits = forward_rows(net, b, d.device)
+                out = crosstok_loss(logits, chunk_teacher(b, d.device), loss_cfg)
+                (out.loss * (n * d.world / n_total)).backward()
+                for key, value in out.parts.items():
+                    w = 1.0 if key in ("tokens", "chunks") else n / n_total
+                    sums[key] = sums.get(key, 0.0) + float(value) * w
+                continue
             teacher = sparse_teacher(b, d.device, loss_cfg)
             offsets = b["group_offsets"].to(d.device)
             if fused:  # LM head + loss in one pass: no [N, V] logits
@@ -523,8 +562,12 @@ def _restore(cfg: TrainConfig, d: Dist, path: str, model, optimizer) -> tuple[in
 def _check_run_fits(cfg: TrainConfig, d: Dist, caches: list[Cache]) -> None:
     """The loss suits the caches' modes and there is a shard for every loader slot."""
     cache = caches[0]
+    if cfg.loss.cross_tokenizer in ("uld", "gold") and cache.card.mode == "sampled":
+        raise UserError(f"{cache.path} is a sampled cache: --cross-tokenizer "
+                        f"{cfg.loss.cross_tokenizer} needs the teacher's top-k (alm works "
+                        f"with any cache)")
     for c in caches:
-        if c.card.mode == "sampled":
+        if c.card.mode == "sampled" and not cfg.loss.cross_tokenizer:
             try:
                 cfg.loss.check_sampled()
             except ValueError as e:
@@ -540,10 +583,19 @@ def _check_run_fits(cfg: TrainConfig, d: Dist, caches: list[Cache]) -> None:
 def _build_student(cfg: TrainConfig, d: Dist, caches: list[Cache]):
     """(tokenizer, model, the wrapped net a step calls, optimizer, logits width)."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
+    aligner = None
+    if cfg.loss.cross_tokenizer:  # the student re-tokenizes the cache's text (train/align.py)
+        if not is_byte_level(tokenizer):
+            raise UserError(f"{cfg.student}: its tokenizer is not byte-level (it normalises "
+                            f"text, so its tokens do not give the text back byte for byte): "
+                            f"--cross-tokenizer needs a byte-level student tokenizer")
+        aligner = Aligner(load_text(caches[0]).table, tokenizer, f" of {caches[0].path}")
+    for cache in caches if not cfg.loss.cross_tokenizer else []:  # before the model loads
+        check_compatible(cache.card, tokenizer, None, cfg.student)
     model = load_causal_lm(cfg.student, dtype="fp32", device=str(d.device),
                            trust_remote_code=cfg.trust_remote_code)
     width = logits_width(model)
-    for cache in caches:
+    for cache in caches if not cfg.loss.cross_tokenizer else []:
         check_compatible(cache.card, tokenizer, width, cfg.student)
     model.train()
     if cfg.gradient_checkpointing:
@@ -557,7 +609,7 @@ def _build_student(cfg: TrainConfig, d: Dist, caches: list[Cache]):
         )
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas)
-    return tokenizer, model, net, optimizer, width
+    return tokenizer, model, net, optimizer, width, aligner
 
 
 def _write_run_json(cfg: TrainConfig, d: Dist, caches: list[Cache], resume_from,
@@ -615,7 +667,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
     torch.manual_seed(cfg.seed * 1000 + d.rank)
     random.seed(cfg.seed * 1000 + d.rank)
     np.random.seed(cfg.seed * 1000 + d.rank)
-    tokenizer, model, net, optimizer, width = _build_student(cfg, d, caches)
+    tokenizer, model, net, optimizer, width, aligner = _build_student(cfg, d, caches)
 
     step, tokens_seen, cursor = 0, 0, None
     if resume_from is not None:
@@ -624,7 +676,8 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
         check_same_cache(cfg, joined_identity(caches))
     _write_run_json(cfg, d, caches, resume_from, width)
 
-    dataset = CacheDataset(cache_paths(cfg.cache), cfg.loader, d.rank, d.world, resume=cursor)
+    dataset = CacheDataset(cache_paths(cfg.cache), cfg.loader, d.rank, d.world, resume=cursor,
+                           aligner=aligner)
     epoch = cursor.epoch if cursor else 0
     total = _planned_total(cfg, dataset, step, epoch)
     run_log = RunLog(cfg, d.rank, step, total)
@@ -651,7 +704,7 @@ def _train(cfg: TrainConfig, d: Dist, log) -> dict:
             micro = list(itertools.islice(batches, cfg.grad_accum))
             damaged = next((b["error"] for b in micro if "error" in b), None)
             micro = [b for b in micro if "error" not in b]
-            n_local = [int(b["rows"].numel()) for b in micro]
+            n_local = [loss_weight(b) for b in micro]
             max_id = max((int(b["max_id"]) for b in micro), default=0)
             have, n_total, padded, real, bad, broken = d.sum([
                 float(len(micro) > 0), float(sum(n_local)),
