@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import dump
 from transformers import AutoTokenizer
 
 from atkd_cache import tiny
@@ -21,6 +20,7 @@ from atkd_cache.cache import open_cache
 from atkd_cache.cache.text import load_text, token_bytes
 from atkd_cache.errors import UserError
 from atkd_cache.train.align import Aligner
+from conftest import dump
 
 TURNS = ["Café naïve résumé — 東京 and 北京 🙂🙂 ok", "12345 + 678 =   9, tabs\tand  runs",
          "plain words here", "emoji 👩\u200d💻 mid-word: naïveté", "über straße ½ №5"]

@@ -73,6 +73,29 @@ def test_third_party_reading_example_sampled_packed(assets, tmp_path):
     assert all(abs(w.sum() - 1) < 1e-12 for w in scope["weights"])
 
 
+def test_third_party_text_example(assets, tmp_path):
+    """The doc's text block: the bytes and supervised byte spans of a chat cache's last read
+    sequence, from the stored tokenizer with plain transformers, equal the library's."""
+    from transformers import AutoTokenizer
+
+    from atkd_cache.cache.text import load_text
+
+    dump(assets, tmp_path / "c", shape="chat", limit=4)
+    common, topk = blocks()[:2]
+    text_block = re.findall(r"```python\n(.*?)```", DOC.read_text().split(
+        "### The text", 1)[1], re.S)[0]
+    scope = {"CACHE": str(tmp_path / "c")}
+    exec(compile(common + topk + text_block, str(DOC), "exec"), scope)
+    cache = open_cache(tmp_path / "c")
+    seq = next(s for s in cache if s.input_ids.tolist() == scope["tokens"].tolist())
+    assert scope["raw"] == load_text(cache).sequence_bytes(seq.input_ids)
+    teacher = AutoTokenizer.from_pretrained(assets["llama"])
+    assert scope["raw"].decode() == teacher.decode(seq.input_ids)
+    spans = scope["supervised_spans"]
+    reply = b"".join(scope["raw"][lo:hi] for lo, hi in spans).decode()
+    assert spans and reply.endswith("<|im_end|>\n") and "<|im_start|>assistant" not in reply
+
+
 INTEGRATIONS = DOC.parent / "integrations.md"
 
 
