@@ -142,7 +142,8 @@ def gold_reference(q: list[float], support: list[tuple[float, bool, int]]) -> fl
     if p_rest > 0:
         kl += p_rest * (math.log(p_rest) - math.log(q_rest))
     others = sorted((v for i, v in enumerate(q) if i not in seen), reverse=True)
-    return kl + sum(abs(a - b) for a, b in zip(sorted(unmatched, reverse=True), others[:len(unmatched)], strict=True))
+    unmatched = sorted(unmatched, reverse=True)
+    return kl + sum(abs(a - b) for a, b in zip(unmatched, others[:len(unmatched)], strict=True))
 
 
 def _chunk_case(seed: int, vocab: int = 23, k: int = 6, n: int = 7):
