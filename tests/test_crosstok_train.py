@@ -270,3 +270,42 @@ def test_refusals_in_one_line(xt, tmp_path):
     r = train("--cross-tokenizer", "alm", student=sp)
     assert r.exit_code != 0 and "needs a byte-level student tokenizer" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_kdtrainer_and_the_datasets_view_with_another_tokenizer(xt, tmp_path):
+    """The HF route: the datasets view + cross_tokenizer_collator + KDTrainer. Its loss on a
+    batch is the loader path's loss on the same batch, and a short run lowers it."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from atkd_cache.hf import KDTrainer, cache_dataset, cross_tokenizer_collator
+    from atkd_cache.losses.crosstok import crosstok_loss
+    from atkd_cache.losses.kd import LossConfig
+    from atkd_cache.train.student import RowLogits
+    from atkd_cache.train.trainer import chunk_teacher
+
+    tok = AutoTokenizer.from_pretrained(xt["student"])
+    collator = cross_tokenizer_collator(xt["chat"], tok)
+    rows = list(cache_dataset(xt["chat"]).take(4))
+    batch = collator(rows)
+    assert batch["labels"].view(-1)[batch["rows"] + 1].tolist() == batch["target_ids"].tolist()
+    cfg = LossConfig(cross_tokenizer="gold")
+    model = AutoModelForCausalLM.from_pretrained(xt["student"], dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4,
+                             max_steps=12, learning_rate=3e-3, logging_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    trainer = KDTrainer(model=model, args=args, loss=cfg, train_dataset=cache_dataset(
+        xt["chat"]), data_collator=collator)
+    with torch.no_grad():
+        mine = trainer.compute_loss(model, batch)
+        logits = RowLogits(model)(batch["input_ids"], batch["rows"],
+                                  attention_mask=batch["attention_mask"])
+        theirs = crosstok_loss(logits, chunk_teacher(batch, torch.device("cpu")), cfg).loss
+    torch.testing.assert_close(mine, theirs)
+    before = _chunk_loss(xt["student"], xt["chat"], "gold")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "hf-model"))
+    tok.save_pretrained(str(tmp_path / "hf-model"))
+    assert _chunk_loss(str(tmp_path / "hf-model"), xt["chat"], "gold") < before
+    logged = [h for h in trainer.state.log_history if "kd/gold" in h]
+    assert logged and all(h["kd/chunks"] > 0 for h in logged)

@@ -12,6 +12,7 @@ _WHERE = {
     "cache_dataset": "dataset",
     "sequence_row": "dataset",
     "KDCollator": "collator",
+    "cross_tokenizer_collator": "collator",
     "KDTrainer": "trainer",
     "KDLossMixin": "trainer",
     "export_axolotl": "axolotl",

@@ -12,7 +12,7 @@ import torch
 from atkd_cache.cache.reader import CachedSequence
 from atkd_cache.errors import UserError
 from atkd_cache.hf.dataset import IGNORE_INDEX
-from atkd_cache.train.loader import collate
+from atkd_cache.train.loader import collate, collate_aligned
 
 # Columns a Trainer must not drop before the collator sees them (signature columns).
 TEACHER_COLUMNS = (
@@ -60,6 +60,9 @@ class KDCollator:
     tokens) so that `num_items_in_batch` and plain CE work as in any causal-LM Trainer."""
 
     pack: bool = False
+    # a student of another tokenizer: the cache's text re-tokenized and cut into chunks
+    # (train/align.py; build it with `cross_tokenizer_collator`)
+    aligner: object = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """The micro-batch of `features` (rows of the datasets view)."""
@@ -77,9 +80,32 @@ class KDCollator:
             if prefix + "target_logprob" not in features[0]:
                 break
             others.append([row_sequence(_teacher_view(f, prefix)) for f in features])
-        batch = collate(seqs, self.pack, tuple(others))
+        if self.aligner is not None:
+            if others:
+                raise UserError("a student of another tokenizer trains on one teacher's "
+                                "cache: drop the other teachers' columns")
+            batch = collate_aligned(seqs, [self.aligner.align(s) for s in seqs], self.pack,
+                                    self.aligner.vocab_map)
+        else:
+            batch = collate(seqs, self.pack, tuple(others))
         labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX, dtype=torch.int64)
         flat = labels.view(-1)  # the token at row r + 1 is the label of position r
         flat[batch["rows"] + 1] = batch["target_ids"]
         batch["labels"] = labels
         return batch
+
+
+def cross_tokenizer_collator(cache: str, tokenizer, pack: bool = False) -> KDCollator:
+    """A KDCollator for a student whose tokenizer differs from the cache's teacher's: each
+    row's text (from the tokenizer stored in `cache`) is re-tokenized by `tokenizer` and cut
+    into byte-aligned chunks; train with LossConfig(cross_tokenizer="alm" | "uld" | "gold")."""
+    from atkd_cache.cache.reader import open_cache
+    from atkd_cache.cache.text import is_byte_level, load_text
+    from atkd_cache.train.align import Aligner
+
+    if not is_byte_level(tokenizer):
+        raise UserError("the student's tokenizer is not byte-level (it normalises text): "
+                        "cross-tokenizer alignment needs a byte-level student tokenizer")
+    opened = open_cache(cache)
+    return KDCollator(pack=pack, aligner=Aligner(load_text(opened).table, tokenizer,
+                                                 f" of {opened.path}"))

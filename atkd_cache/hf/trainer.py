@@ -21,10 +21,17 @@ import contextlib
 import torch
 from transformers import Trainer
 
+from atkd_cache.errors import UserError
 from atkd_cache.hf.collator import TEACHER_COLUMNS
+from atkd_cache.losses.crosstok import crosstok_loss
 from atkd_cache.losses.kd import LossConfig
 from atkd_cache.train.student import loss_at_rows
-from atkd_cache.train.trainer import destroy_process_group_at_exit, sparse_teacher
+from atkd_cache.train.trainer import (
+    chunk_teacher,
+    destroy_process_group_at_exit,
+    loss_weight,
+    sparse_teacher,
+)
 
 
 def _unwrap(model):
@@ -79,8 +86,9 @@ class KDLossMixin:
                                     if c not in self._signature_columns]
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """Supervised rows of the whole step, summed over ranks."""
-        n = torch.tensor(sum(int(b["rows"].numel()) for b in batch_samples), device=device)
+        """Supervised rows (chunks, for a student of another tokenizer) of the whole step,
+        summed over ranks."""
+        n = torch.tensor(sum(loss_weight(b) for b in batch_samples), device=device)
         if self.args.world_size > 1:
             n = self.accelerator.gather(n.reshape(1)).sum()
         return n
@@ -95,18 +103,31 @@ class KDLossMixin:
             outputs = model(**forward, use_cache=False, logits_to_keep=1)
         rows = inputs["rows"]
         picked = hidden[-1].flatten(0, 1).index_select(0, rows)
-        teacher = sparse_teacher(inputs, picked.device, self.kd_loss_config)
-        out = loss_at_rows(
-            picked, inner.get_output_embeddings(), teacher,
-            self.kd_loss_config, inputs["group_offsets"],
-            getattr(inner.config, "final_logit_softcapping", None), self.fused_head,
-        )
+        softcap = getattr(inner.config, "final_logit_softcapping", None)
+        cross = "chunk.teacher_ll" in inputs
+        if cross != bool(self.kd_loss_config.cross_tokenizer):
+            raise UserError("the batch and the loss disagree about the student's tokenizer: "
+                            "give KDCollator(aligner=...) together with LossConfig("
+                            "cross_tokenizer=...), or neither (docs/integrations.md)")
+        if cross:  # a student of another tokenizer: chunk losses over [N, V] rows
+            logits = inner.get_output_embeddings()(picked)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            out = crosstok_loss(logits, chunk_teacher(inputs, picked.device),
+                                self.kd_loss_config)
+        else:
+            teacher = sparse_teacher(inputs, picked.device, self.kd_loss_config)
+            out = loss_at_rows(
+                picked, inner.get_output_embeddings(), teacher,
+                self.kd_loss_config, inputs["group_offsets"], softcap, self.fused_head,
+            )
         loss = out.loss
         if num_items_in_batch is not None and model.training:
-            share = rows.numel() * self.args.world_size / float(num_items_in_batch)
+            share = loss_weight(inputs) * self.args.world_size / float(num_items_in_batch)
             loss = loss * share
             for key, value in out.parts.items():
-                weight = 1.0 if key.endswith("tokens") else share / self.args.world_size
+                weight = (1.0 if key.endswith("tokens") or key == "chunks"
+                          else share / self.args.world_size)
                 self.kd_parts[key] = self.kd_parts.get(key, 0.0) + float(value) * weight
         return (loss, outputs) if return_outputs else loss
 
