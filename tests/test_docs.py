@@ -109,8 +109,16 @@ def test_integrations_page_runs(hf_cache, tmp_path):
     text = INTEGRATIONS.read_text()
     code = re.findall(r"```python\n(.*?)```", text, re.S)
     script = [c for c in code if 'os.environ.get("CACHE"' in c]
-    assert len(code) == 5 and len(script) == 1
-    scope = {"CACHE": hf_cache["cache"], "STUDENT": hf_cache["student"], "OUT": str(tmp_path)}
+    assert len(code) == 6 and len(script) == 1
+    from transformers import AutoTokenizer
+
+    from atkd_cache import tiny
+
+    other = str(tmp_path / "other-student")  # a student with another tokenizer
+    tiny.build_tokenizer(other, vocab_size=420, seed=5)
+    tiny.build_model(other, len(AutoTokenizer.from_pretrained(other)), seed=2)
+    scope = {"CACHE": hf_cache["cache"], "STUDENT": hf_cache["student"], "OUT": str(tmp_path),
+             "OTHER_STUDENT": other}
     for block in code:
         if block not in script:
             exec(compile(block, str(INTEGRATIONS), "exec"), scope)
