@@ -31,8 +31,10 @@ def synthetic_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def build_tokenizer(folder: str, vocab_size: int = 300, seed: int = 0) -> str:
-    """Train a byte-level BPE tokenizer with a chat template; save it to `folder`."""
+def build_tokenizer(folder: str, vocab_size: int = 300, seed: int = 0,
+                    texts: list[str] | None = None) -> str:
+    """Train a byte-level BPE tokenizer with a chat template (ChatML markers as added tokens)
+    on `texts` (default: synthetic sentences); save it to `folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,7 +46,8 @@ def build_tokenizer(folder: str, vocab_size: int = 300, seed: int = 0) -> str:
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(synthetic_sentences(2000, seed), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else synthetic_sentences(2000, seed),
+                            trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

@@ -253,13 +253,18 @@ def export_cmd(cache: str, fmt: str, output: str, tokenizer: str | None, align: 
 @click.option("--layers", required=True,
               help="How many layers to keep (evenly spaced), or a comma list of indices.")
 @click.option("--output", "-o", required=True, help="New student folder.")
+@click.option("--tokenizer", default=None,
+              help="Another byte-level tokenizer for the student: its embeddings move to that "
+                   "vocabulary (each new token from the mean of the old embeddings of its "
+                   "text); train it with train-student --cross-tokenizer.")
 @click.option("--trust-remote-code", is_flag=True, default=False)
 @user_errors
-def init_student_cmd(teacher: str, layers: str, output: str, trust_remote_code: bool) -> None:
+def init_student_cmd(teacher: str, layers: str, output: str, tokenizer: str | None,
+                     trust_remote_code: bool) -> None:
     """Build a smaller student from a subset of the teacher's layers (saved as an HF folder)."""
     from atkd_cache.train.student import init_student
 
-    kept = init_student(teacher, layers, output, trust_remote_code)
+    kept = init_student(teacher, layers, output, trust_remote_code, tokenizer=tokenizer)
     click.echo(f"student: {output} keeps teacher layers {','.join(map(str, kept))}")
 
 

@@ -309,3 +309,36 @@ def test_kdtrainer_and_the_datasets_view_with_another_tokenizer(xt, tmp_path):
     assert _chunk_loss(str(tmp_path / "hf-model"), xt["chat"], "gold") < before
     logged = [h for h in trainer.state.log_history if "kd/gold" in h]
     assert logged and all(h["kd/chunks"] > 0 for h in logged)
+
+
+def test_init_student_moves_embeddings_to_another_tokenizer(assets, xt, tmp_path):
+    """init-student --tokenizer: each new token's embedding is the mean of the old embeddings
+    of its text's old tokens (a token both vocabularies share keeps its own; a shared chat
+    marker too); the tied head follows; the student loads with the new tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from atkd_cache.train.student import init_student
+
+    init_student(assets["llama"], "1", str(tmp_path / "s"), tokenizer=xt["student"])
+    old = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    new = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s"))
+    old_tok, new_tok = (AutoTokenizer.from_pretrained(p) for p in (assets["llama"],
+                                                                    tmp_path / "s"))
+    assert len(new_tok) == len(AutoTokenizer.from_pretrained(xt["student"]))
+    e_old, e_new = old.get_input_embeddings().weight, new.get_input_embeddings().weight
+    assert e_new.shape[0] >= len(new_tok)
+    checked = 0
+    for token, i in new_tok.get_vocab().items():
+        text = new_tok.convert_tokens_to_string([token])
+        if "\ufffd" in text:
+            continue
+        ids = ([old_tok.convert_tokens_to_ids(token)] if token in old_tok.get_added_vocab()
+               else old_tok(text, add_special_tokens=False)["input_ids"])
+        torch.testing.assert_close(e_new[i], e_old[ids].mean(0))
+        if not new.config.tie_word_embeddings:  # an untied head moves the same way
+            torch.testing.assert_close(new.get_output_embeddings().weight[i],
+                                       old.get_output_embeddings().weight[ids].mean(0))
+        checked += len(ids) > 1
+    assert checked > 50  # tokens made of several old tokens were averaged
+    if new.config.tie_word_embeddings:
+        assert new.get_output_embeddings().weight.data_ptr() == e_new.data_ptr()

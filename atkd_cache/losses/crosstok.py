@@ -141,7 +141,7 @@ class ChunkTeacher:
 
 
 def crosstok_loss(logits: torch.Tensor, teacher: ChunkTeacher, cfg) -> LossOutput:
-    """The cross-tokenizer loss (cfg.cross_tokenizer: alm | uld | gold) over the student's
+    """The cross-tokenizer loss (cfg.cross_tokenizer: alm | uld | gold | ce) over the student's
     rows [N, V]: the mean over counted chunks of the mode's term, plus cfg.ce_weight x the
     student's CE on its own tokens of those chunks (formulas: docs/losses.md section 9)."""
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -152,6 +152,8 @@ def crosstok_loss(logits: torch.Tensor, teacher: ChunkTeacher, cfg) -> LossOutpu
     mode = cfg.cross_tokenizer
     if n_chunks == 0:
         term = z.sum() * 0
+    elif mode == "ce":
+        term = ce
     elif mode == "alm":
         student_ll = chunk_sums(target_lp, teacher.chunk_of_row, n_chunks)
         term = alm_loss(student_ll, teacher.teacher_ll, cfg.chunk_temperature)
@@ -166,7 +168,7 @@ def crosstok_loss(logits: torch.Tensor, teacher: ChunkTeacher, cfg) -> LossOutpu
                                    teacher.support_student_ids, cfg.base, beta=cfg.beta,
                                    skew=cfg.skew)
         term = per_chunk.mean()
-    loss = term + cfg.ce_weight * ce if cfg.ce_weight else term
+    loss = term + cfg.ce_weight * ce if cfg.ce_weight and mode != "ce" else term
     parts = {mode: term.detach(), "ce": ce.detach(), "loss": loss.detach(),
              "tokens": torch.tensor(float(target_lp.numel())),
              "chunks": torch.tensor(float(n_chunks))}

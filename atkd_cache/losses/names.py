@@ -6,4 +6,6 @@ BASES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")  # the divergences, in docs 
 SPLITS = ("cache", "sequence", "batch")
 TAILS = ("bucket", "renorm")
 MIXES = ("mixture", "confident", "route-by-hard")  # how several teachers join
-CROSS_TOKENIZER = ("alm", "uld", "gold")  # students of another tokenizer: losses/crosstok.py
+# students of another tokenizer (losses/crosstok.py); "ce": the student's CE alone on the
+# counted chunks (the baseline the others are measured against)
+CROSS_TOKENIZER = ("alm", "uld", "gold", "ce")

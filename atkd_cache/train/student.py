@@ -78,19 +78,48 @@ def parse_layers(spec: str, total: int) -> list[int]:
     return layers
 
 
+def moved_embeddings(embeddings: torch.Tensor, old_tokenizer, new_tokenizer) -> torch.Tensor:
+    """Input embeddings for another tokenizer's vocabulary [V_new, H]: each new token gets the
+    mean of the old embeddings of its bytes' old tokens (the old tokenization of its text, or
+    its bytes one by one where the text is not whole UTF-8 characters); an added token the
+    old tokenizer also has (a chat marker) keeps its old embedding. Both byte-level."""
+    from atkd_cache.cache.text import token_bytes
+
+    old_table = token_bytes(old_tokenizer)
+    single = {b: i for i, b in enumerate(old_table) if b is not None and len(b) == 1}
+    old_ids = {b: i for i, b in enumerate(old_table) if b is not None}
+    added = old_tokenizer.get_added_vocab()
+    out = embeddings.new_zeros(len(new_tokenizer), embeddings.shape[1])
+    for i, b in enumerate(token_bytes(new_tokenizer)):
+        if b is None:
+            continue
+        if b in old_ids and (b.decode("utf-8", "ignore") in added or len(b) == 1):
+            ids = [old_ids[b]]
+        else:
+            try:
+                ids = old_tokenizer(b.decode("utf-8"), add_special_tokens=False)["input_ids"]
+            except UnicodeDecodeError:  # a token ending inside a character
+                ids = [single[x] for x in b if bytes([x]) in single]
+        if ids:
+            out[i] = embeddings[ids].mean(0)
+    return out
+
+
 def init_student(
-    teacher: str, layers: str, output: str, trust_remote_code: bool = False
+    teacher: str, layers: str, output: str, trust_remote_code: bool = False,
+    tokenizer: str | None = None,
 ) -> list[int]:
     """Save a student that keeps a subset of the teacher's layers (DistilBERT-style init):
-    same embeddings, final norm and LM head, the chosen blocks renumbered. Returns the
-    kept layer indices. Written to a temp folder and renamed, so `output` is all or nothing."""
+    same embeddings, final norm and LM head, the chosen blocks renumbered. With `tokenizer`
+    (another byte-level tokenizer) the embeddings (and a tied LM head) move to its vocabulary
+    (`moved_embeddings`) and it becomes the student's. Returns the kept layer indices. Written
+    to a temp folder and renamed, so `output` is all or nothing."""
     from transformers import AutoModelForCausalLM
 
     if os.path.exists(output):
         raise UserError(f"{output} already exists: choose a new --output folder")
     check_output_folder(output, "the student at")
     model = load_causal_lm(teacher, dtype="fp32", trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
     prefix, blocks = _decoder_layers(model)
     keep = parse_layers(layers, len(blocks))
     config = model.config
@@ -113,6 +142,32 @@ def init_student(
     if set(missing) - tied or unexpected:
         raise UserError(f"cannot map teacher weights onto the student: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
+    if tokenizer is not None:
+        from atkd_cache.cache.text import is_byte_level
+
+        new_tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+        old_tok = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+        if not (is_byte_level(new_tok) and is_byte_level(old_tok)):
+            raise UserError("--tokenizer: moving embeddings needs byte-level tokenizers on "
+                            "both sides")
+        tied = student.config.tie_word_embeddings
+        with torch.no_grad():  # an untied LM head's rows move the same way
+            moved = [moved_embeddings(m.weight, old_tok, new_tok) for m in (
+                student.get_input_embeddings(), *(() if tied else (
+                    student.get_output_embeddings(),)))]
+            student.resize_token_embeddings(len(new_tok))
+            student.get_input_embeddings().weight.copy_(moved[0])
+            if not tied:
+                student.get_output_embeddings().weight.copy_(moved[1])
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the new ids
+            token = getattr(new_tok, name.removesuffix("_id"), None)
+            setattr(student.config, name, new_tok.convert_tokens_to_ids(token) if token
+                    else None)
+            if getattr(student, "generation_config", None) is not None:
+                setattr(student.generation_config, name, getattr(student.config, name))
+        tokenizer = new_tok
+    else:
+        tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
     tmp = output.rstrip("/") + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
