@@ -13,8 +13,10 @@ import click
 from atkd_cache.errors import UserError
 from atkd_cache.losses.names import BASES, CROSS_TOKENIZER, LOSSES, MIXES, SPLITS, TAILS
 from atkd_cache.recipes.study_config import (
+    CrossTokStudyConfig,
     OnPolicyStudyConfig,
     StudyConfig,
+    crosstok_study_config,
     on_policy_study_config,
     study_config,
 )
@@ -529,6 +531,30 @@ def on_policy_study_cmd(smoke: bool, report: str | None, **values) -> None:
         return
     quiet_transformers()
     run_on_policy_study(on_policy_study_config(smoke, **values), log=click.echo)
+
+
+@main.command("crosstok-study")
+@click.option("--smoke", is_flag=True, default=False,
+              help="A minute-sized run of every stage (works in <workdir>-quick).")
+@click.option("--report", "report", default=None, metavar="RESULTS",
+              help="Only print the report of a results file.")
+@config_flags(CrossTokStudyConfig)
+@user_errors
+def crosstok_study_cmd(smoke: bool, report: str | None, **values) -> None:
+    """A student with another tokenizer: CE vs ALM, ULD, GOLD from one teacher cache (the
+    registered design of docs/training.md; resumes from its results file)."""
+    from atkd_cache.recipes.crosstok_study import (
+        format_report,
+        load_results,
+        run_crosstok_study,
+    )
+    from atkd_cache.recipes.study import quiet_transformers
+
+    if report:
+        click.echo(format_report(load_results(report)))
+        return
+    quiet_transformers()
+    run_crosstok_study(crosstok_study_config(smoke, **values), log=click.echo)
 
 
 @main.command("on-policy")

@@ -342,3 +342,33 @@ def test_init_student_moves_embeddings_to_another_tokenizer(assets, xt, tmp_path
     assert checked > 50  # tokens made of several old tokens were averaged
     if new.config.tie_word_embeddings:
         assert new.get_output_embeddings().weight.data_ptr() == e_new.data_ptr()
+
+
+def test_bits_per_byte_against_a_plain_forward(xt, assets):
+    """With the teacher's own tokenizer, bits per byte is the plain model's CE in bits over
+    the supervised tokens (the first one of a sequence aside) divided by their bytes; the
+    teacher's figure is its cached log-probs over the same tokens."""
+    from atkd_cache.models import load_causal_lm
+    from atkd_cache.train.evaluate import bits_per_byte
+
+    cache = open_cache(xt["chat"])
+    text = load_text(cache)
+    tok = AutoTokenizer.from_pretrained(assets["llama"])
+    model = load_causal_lm(assets["llama"], dtype="fp32", device="cpu").eval()
+    got = bits_per_byte(model, xt["chat"], Aligner(text.table, tok), batch_size=5)
+    nats = t_nats = 0.0
+    n_bytes = 0
+    with torch.no_grad():
+        for seq in cache:
+            ids = torch.as_tensor(seq.input_ids)[None].long()
+            lp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            for k, t in enumerate(np.flatnonzero(seq.supervised)):
+                if t == 0:
+                    continue
+                nats -= float(lp[t, ids[0, t + 1]])
+                t_nats -= float(seq.target_logprob[k])
+                n_bytes += len(text.table[int(ids[0, t + 1])])
+    assert got["bytes"] == n_bytes
+    assert got["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert got["teacher_bits_per_byte"] == pytest.approx(t_nats / math.log(2) / n_bytes,
+                                                          rel=1e-6)

@@ -139,3 +139,44 @@ def study_config(preset: str | None = None, **values) -> StudyConfig:
         merged["workdir"] = merged.get("workdir", StudyConfig.workdir) + "-quick"
     merged.update({k: v for k, v in values.items() if v is not None})
     return StudyConfig(**merged)
+
+
+# ------------------------------------------------ students of another tokenizer (issue 32)
+
+CROSSTOK_ARMS = ("ce", "alm", "uld", "gold")  # --cross-tokenizer modes; ce is the baseline
+
+
+@dataclass
+class CrossTokStudyConfig(StudyConfig):
+    """A student with another tokenizer, distilled from the study's teacher-written replies
+    (docs/training.md, registered there): the study's data, teacher and test prompts; the
+    student is the teacher's layer cut with its embeddings moved to a byte-level BPE of
+    `student_vocab` ids trained on the training conversations, healed by CE on the KJV chats
+    in its own tokenization; every arm the same steps and lr grid."""
+
+    workdir: str = "runs/crosstok-study"
+    student_vocab: int = 8192
+    chunk_temperature: float = 1.0
+    lrs: list[float] = field(default_factory=lambda: [1.5e-4, 4.5e-4, 1.35e-3])
+    grid_extend: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    human_seeds: list[int] = field(default_factory=list)
+    arms: list[str] = field(default_factory=lambda: list(CROSSTOK_ARMS))
+    settings: list[str] = field(default_factory=lambda: ["teacher"])
+    baseline: str = "ce"
+    challenger: str = "alm"
+    smallest_effect: float = 0.01  # ROUGE-L, as the study
+    headroom_bpb: float = 0.05  # CE must cut the test replies' bits/byte by this much
+
+
+CROSSTOK_SMOKE = {**SMOKE, "student_vocab": 600, "seeds": [0], "human_seeds": [],
+                  "arms": list(CROSSTOK_ARMS), "settings": ["teacher"]}
+
+
+def crosstok_study_config(smoke: bool = False, **values) -> CrossTokStudyConfig:
+    """The registered cross-tokenizer study, or its smoke size (in <workdir>-quick)."""
+    merged = dict(CROSSTOK_SMOKE) if smoke else {}
+    if smoke:
+        merged["workdir"] = CrossTokStudyConfig.workdir + "-quick"
+    merged.update({k: v for k, v in values.items() if v is not None})
+    return CrossTokStudyConfig(**merged)

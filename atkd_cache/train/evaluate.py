@@ -198,6 +198,38 @@ def cache_metrics(
     return out
 
 
+@torch.no_grad()
+def bits_per_byte(model, cache_path: str, aligner, batch_size: int = 16) -> dict:
+    """Bits per byte of a cache's supervised text under a student of any tokenizer, the
+    comparable measure across vocabularies: over the chunks that count (train/align.py),
+    -sum log2 q(the student's tokens) / their bytes; beside it the teacher's own bits per
+    byte of the same chunks (its cached target log-probs)."""
+    from atkd_cache.cache.reader import open_cache
+    from atkd_cache.train.loader import collate_aligned
+    from atkd_cache.train.student import RowLogits
+
+    net = RowLogits(model)
+    device = next(model.parameters()).device
+    nats = teacher_nats = 0.0
+    n_bytes = n_chunks = 0
+    for seqs in open_cache(cache_path).batches(batch_size):
+        b = collate_aligned(seqs, [aligner.align(s) for s in seqs], False, aligner.vocab_map)
+        if not b["rows"].numel():
+            continue
+        logits = net(b["input_ids"].to(device), b["rows"].to(device),
+                     attention_mask=b["attention_mask"].to(device)).float()
+        target = b["target_ids"].to(device)
+        nats -= float((logits.gather(1, target[:, None])[:, 0]
+                       - torch.logsumexp(logits, -1)).sum())
+        teacher_nats -= float(b["chunk.teacher_ll"].sum())
+        n_bytes += int(b["chunk.bytes"].sum())
+        n_chunks += int(b["chunk.teacher_ll"].numel())
+    ln2 = math.log(2)
+    return {"bits_per_byte": nats / ln2 / max(n_bytes, 1),
+            "teacher_bits_per_byte": teacher_nats / ln2 / max(n_bytes, 1),
+            "bytes": n_bytes, "chunks": n_chunks}
+
+
 def stop_ids(model, tokenizer) -> set[int]:
     """The ids that end a reply: the model's generation EOS ids and the tokenizer's EOS."""
     eos = model.generation_config.eos_token_id
