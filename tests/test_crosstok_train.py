@@ -372,3 +372,29 @@ def test_bits_per_byte_against_a_plain_forward(xt, assets):
     assert got["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
     assert got["teacher_bits_per_byte"] == pytest.approx(t_nats / math.log(2) / n_bytes,
                                                           rel=1e-6)
+
+
+def test_an_nfc_student_is_byte_level_and_refuses_text_it_would_change(xt, assets, tmp_path):
+    """Qwen-style tokenizers normalise with NFC: allowed (NFC text is left as it is), but a
+    sequence whose text is not NFC would come back with other bytes: one line, never a
+    misalignment."""
+    from types import SimpleNamespace
+
+    from tokenizers import normalizers
+
+    from atkd_cache.cache.text import is_byte_level
+
+    tok = AutoTokenizer.from_pretrained(xt["student"])
+    tok.backend_tokenizer.normalizer = normalizers.NFC()
+    assert is_byte_level(tok)
+    teacher = AutoTokenizer.from_pretrained(assets["llama"])
+    aligner = Aligner(token_bytes(teacher), tok)
+
+    def seq(text):
+        ids = np.asarray(teacher(text, add_special_tokens=False)["input_ids"])
+        return SimpleNamespace(seq_id=7, input_ids=ids, supervised=np.ones(len(ids) - 1, bool),
+                               target_logprob=np.zeros(len(ids) - 1, np.float32))
+
+    assert len(aligner.align(seq("caf\u00e9 au lait")).teacher_ll) > 0  # NFC already
+    with pytest.raises(UserError, match="sequence 7.*NFC"):
+        aligner.align(seq("cafe\u0301 au lait"))  # e + combining accent: NFC changes it

@@ -113,6 +113,7 @@ def test_study_smoke_on_real_assets(tmp_path):
         run_study(other, log=lambda m: None)
 
     check_on_policy_study(tmp_path, doc)
+    check_crosstok_study(tmp_path)
     doc["student"]["weights_hash"] = "sha256:" + "0" * 64  # made with another student
     (tmp_path / "results.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match="is not the one"):
@@ -231,7 +232,7 @@ def check_on_policy_study(workdir: Path, study_doc: dict) -> None:
     # the primary effect, recomputed from the per-prompt scores
     diff = np.subtract(runs["onpolicy-kd"]["test"]["per_prompt"]["rouge_teacher"],
                        runs["offpolicy-kd"]["test"]["per_prompt"]["rouge_teacher"])
-    text = (workdir / "report.md").read_text()
+    text = (workdir / "on-policy-report.md").read_text()
     assert text == format_report(doc) + "\n"
     assert f"onpolicy-kd − offpolicy-kd in ROUGE-L of greedy replies vs the teacher's, 1 " \
            f"seed(s) x {cfg.test_prompts} test prompts: {diff.mean():+.4f}" in text
@@ -241,3 +242,36 @@ def check_on_policy_study(workdir: Path, study_doc: dict) -> None:
     assert not any("ROUGE-L to teacher" in line for line in again)
     with pytest.raises(UserError, match="unequal budgets"):
         check(dataclasses.replace(cfg, rounds=3))
+
+
+def check_crosstok_study(workdir: Path) -> None:
+    """The cross-tokenizer study (recipes/crosstok_study.py) at smoke size in the study's
+    folder (its caches hold the teacher's text): a student of another tokenizer with the
+    teacher's chat template, every arm trained and scored, CE moved the student, the report
+    recomputed here."""
+    from atkd_cache.fingerprint import tokenizer_fingerprint
+    from atkd_cache.models import load_tokenizer
+    from atkd_cache.recipes.crosstok_study import DESIGN, format_report, run_crosstok_study
+    from atkd_cache.recipes.study_config import CROSSTOK_SMOKE, CrossTokStudyConfig
+
+    cfg = CrossTokStudyConfig(**{**CROSSTOK_SMOKE, "workdir": str(workdir),
+                                 "results": str(workdir / "crosstok.json")})
+    doc = run_crosstok_study(cfg, log=lambda m: None)
+    assert doc["complete"] and doc["design"] == DESIGN
+    teacher = load_tokenizer(str(next((workdir / "assets").iterdir())))
+    student = load_tokenizer(os.path.join(doc["runs"][run_key("teacher", "ce", cfg.lrs[0], 0)]
+                                          ["out"], "model"))
+    assert tokenizer_fingerprint(student) != tokenizer_fingerprint(teacher)
+    assert len(student) < len(teacher) and student.chat_template == teacher.chat_template
+    assert doc["data"]["student_max_new_tokens"] > cfg.max_new_tokens  # shorter tokens
+    start = doc["student"]["test"]["bpb"]["teacher"]["bits_per_byte"]
+    runs = {a: doc["runs"][run_key("teacher", a, cfg.lrs[0], 0)]["test"] for a in cfg.arms}
+    assert runs["ce"]["bpb"]["teacher"]["bits_per_byte"] < start  # CE moved the student
+    for arm, run in runs.items():
+        assert math.isfinite(run["bpb"]["human"]["bits_per_byte"]), arm
+        assert len(run["per_prompt"]["rouge_teacher"]) == cfg.test_prompts
+    diff = np.mean(runs["alm"]["per_prompt"]["rouge_teacher"]) - np.mean(
+        runs["ce"]["per_prompt"]["rouge_teacher"])
+    text = (workdir / "crosstok-report.md").read_text()
+    assert text == format_report(doc) + "\n"
+    assert f"on this seed alm − CE is {diff:+.4f}" in text

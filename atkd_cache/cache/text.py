@@ -47,7 +47,9 @@ def byte_alphabet() -> dict[str, int]:
 
 def is_byte_level(tokenizer) -> bool:
     """Does the tokenizer's pipeline make tokens byte-level (a ByteLevel pre-tokenizer or
-    decoder, no normaliser that changes the text)?"""
+    decoder) with no normaliser that changes the text? NFC alone is allowed (Qwen's): it
+    leaves NFC text as it is, and a text it would change is caught where it is aligned
+    (train/align.py compares the bytes)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return False
@@ -63,7 +65,7 @@ def is_byte_level(tokenizer) -> bool:
         return [node.get("type", "")]
 
     byte_level = "ByteLevel" in kinds(spec.get("pre_tokenizer")) + kinds(spec.get("decoder"))
-    return byte_level and not kinds(spec.get("normalizer"))
+    return byte_level and set(kinds(spec.get("normalizer"))) <= {"NFC"}
 
 
 def token_bytes(tokenizer) -> list[bytes | None]:

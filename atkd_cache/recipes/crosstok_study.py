@@ -287,7 +287,7 @@ def run_crosstok_study(cfg: CrossTokStudyConfig, log=print) -> dict:
     results.doc["seconds"] = sum(results.doc["stages"].values())
     results.save()
     text = format_report(results.doc)
-    with open(os.path.join(cfg.workdir, "report.md"), "w") as f:
+    with open(os.path.join(cfg.workdir, "crosstok-report.md"), "w") as f:
         f.write(text + "\n")
     log(text)
     return results.doc

@@ -235,7 +235,7 @@ def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     results.doc["seconds"] = sum(results.doc["stages"].values())
     results.save()
     text = format_report(results.doc)
-    with open(os.path.join(cfg.workdir, "report.md"), "w") as f:
+    with open(os.path.join(cfg.workdir, "on-policy-report.md"), "w") as f:
         f.write(text + "\n")
     log(text)
     return results.doc

@@ -114,9 +114,10 @@ class Aligner:
         if b"".join(self.student_table[i] or b"\0" for i in body.tolist()) != data[
                 :len(data) - dropped]:
             raise UserError(f"the student's tokenizer does not give back the bytes of "
-                            f"sequence {seq.seq_id}{self.where} (it normalises text or has "
-                            f"tokens without bytes): cross-tokenizer training needs a "
-                            f"byte-level student tokenizer")
+                            f"sequence {seq.seq_id}{self.where} (it normalises text, e.g. NFC "
+                            f"on text that is not NFC, or has tokens without bytes): "
+                            f"cross-tokenizer training needs a byte-level student tokenizer "
+                            f"(or normalise the data as the student does before the dump)")
         student_ids = np.concatenate([self.prefix, body])
         empty = AlignedSequence(student_ids, *(np.zeros(0, np.int64),) * 3,
                                 np.zeros(0), *(np.zeros(0, np.int64),) * 4, dropped)
