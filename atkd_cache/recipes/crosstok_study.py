@@ -39,7 +39,6 @@ from atkd_cache.cache import open_cache
 from atkd_cache.cache.text import load_text
 from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
-from atkd_cache.fingerprint import weights_hash
 from atkd_cache.losses.kd import LossConfig
 from atkd_cache.recipes import study
 from atkd_cache.recipes.stats import Paired, paired_bootstrap, seed_interval, verdict
@@ -86,32 +85,15 @@ def student_tokenizer(cfg: CrossTokStudyConfig, teacher_tok, data: dict[str, str
 
 def build_student(cfg: CrossTokStudyConfig, teacher: str, tokenizer: str, caches,
                   results: study.Results) -> str:
-    """The layer cut moved to the student's tokenizer, healed by CE on the KJV chats."""
+    """The layer cut moved to the student's tokenizer, healed by CE on the KJV chats in its
+    own tokenization; its weights' hash pins the results file."""
     cut = os.path.join(cfg.workdir, f"student-{cfg.layers}L-{cfg.student_vocab}-cut")
     if not os.path.exists(os.path.join(cut, "config.json")):
         init_student(teacher, cfg.layers, cut, tokenizer=tokenizer)
     healed = os.path.join(cfg.workdir, f"student-{cfg.layers}L-{cfg.student_vocab}-kjv-"
                                        f"{cfg.heal_chats}")
-    if not os.path.exists(os.path.join(healed, "model", "config.json")):
-        t0 = time.perf_counter()
-        s = train(TrainConfig(
-            cache=caches["heal"], student=cut, output=healed, epochs=1, lr=cfg.heal_lr,
-            warmup_ratio=0.03, min_lr_ratio=0.0, seed=0, resume=checkpoint.resumable(healed),
-            loss=LossConfig(cross_tokenizer="ce"), fused_head=False,
-            loader=LoaderConfig(batch_tokens=cfg.heal_batch_tokens, seed=0),
-            checkpoint_every=50, progress=False, tensorboard=False), log=lambda m: None)
-        checkpoint.drop_checkpoints(healed)
-        results.doc["student"]["heal"] = {"steps": s["steps"], "tokens": s["tokens_seen"],
-                                          "seconds": time.perf_counter() - t0}
-    model = os.path.join(healed, "model")
-    digest = weights_hash(model)
-    known = results.doc["student"].get("weights_hash")
-    if known and known != digest:
-        raise UserError(f"the healed student {model} is not the one {results.path} was made "
-                        f"with: give a new --results")
-    results.doc["student"]["weights_hash"] = digest
-    results.save()
-    return model
+    return study.heal(cfg, cut, healed, caches["heal"], results,
+                      LossConfig(cross_tokenizer="ce"), fused_head=False)
 
 
 def train_arm(cfg: CrossTokStudyConfig, arm: str, lr: float, seed: int, student: str,
@@ -237,18 +219,7 @@ def run_crosstok_study(cfg: CrossTokStudyConfig, log=print) -> dict:
     os.makedirs(cfg.workdir, exist_ok=True)
     results = study.Results(cfg.results or os.path.join(cfg.workdir, "results.json"), cfg,
                             design=DESIGN)
-    t0, timer = time.perf_counter(), {}
-
-    def stage(n: int | None, what: str = "") -> None:
-        if timer:
-            k, since = timer.popitem()
-            if not results.finished:
-                results.doc["stages"][k] = (results.doc["stages"].get(k, 0.0)
-                                            + time.perf_counter() - since)
-                results.save()
-        if n is not None:
-            log(f"[{n}/7 at {time.perf_counter() - t0:.0f}s] {what}")
-            timer[str(n)] = time.perf_counter()
+    stage = study.StageClock(results, 7, log)
 
     stage(1, "teacher: SmolLM2-135M-Instruct (GGUF -> HF folder, once)")
     teacher = assets.smollm2_folder(os.path.join(cfg.workdir, "assets"), dtype="fp32")
@@ -413,12 +384,5 @@ def format_report(doc: dict) -> str:
 
 
 def load_results(path: str) -> dict:
-    """A results file of this study, or one line saying why it is not one."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable results file ({e})") from None
-    if not isinstance(doc, dict) or doc.get("design") != DESIGN:
-        raise UserError(f"{path}: not a results file of `atkd-cache crosstok-study`")
-    return doc
+    """A results file of this recipe, or one line saying why it is not one."""
+    return study.Results.load(path, DESIGN, "crosstok-study")

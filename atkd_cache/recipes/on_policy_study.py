@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 
@@ -178,18 +177,7 @@ def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     os.makedirs(cfg.workdir, exist_ok=True)
     results = study.Results(cfg.results or os.path.join(cfg.workdir, "results.json"), cfg,
                             design=DESIGN)
-    t0, timer = time.perf_counter(), {}
-
-    def stage(n: int | None, what: str = "") -> None:
-        if timer:
-            k, since = timer.popitem()
-            if not results.finished:
-                results.doc["stages"][k] = (results.doc["stages"].get(k, 0.0)
-                                            + time.perf_counter() - since)
-                results.save()
-        if n is not None:
-            log(f"[{n}/7 at {time.perf_counter() - t0:.0f}s] {what}")
-            timer[str(n)] = time.perf_counter()
+    stage = study.StageClock(results, 7, log)
 
     stage(1, "teacher: SmolLM2-135M-Instruct (GGUF -> HF folder, once)")
     teacher = assets.smollm2_folder(os.path.join(cfg.workdir, "assets"), dtype="fp32")
@@ -317,12 +305,5 @@ def format_report(doc: dict) -> str:
 
 
 def load_results(path: str) -> dict:
-    """A results file of this comparison, or one line saying why it is not one."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable results file ({e})") from None
-    if not isinstance(doc, dict) or doc.get("design") != DESIGN:
-        raise UserError(f"{path}: not a results file of `atkd-cache on-policy-study`")
-    return doc
+    """A results file of this recipe, or one line saying why it is not one."""
+    return study.Results.load(path, DESIGN, "on-policy-study")

@@ -100,6 +100,39 @@ class Results:
     def save(self) -> None:
         write_json(self.path, self.doc)
 
+    @staticmethod
+    def load(path: str, design: int | str, command: str) -> dict:
+        """A finished or running results file of `design`, or one line saying why not."""
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable results file ({e})") from None
+        if not isinstance(doc, dict) or doc.get("design") != design:
+            raise UserError(f"{path}: not a results file of `atkd-cache {command}`")
+        return doc
+
+
+class StageClock:
+    """`clock(n, what)` logs stage n and adds the seconds since the previous call to that
+    stage's total in the results file (a resumed run adds up; a finished one is not
+    re-timed); `clock(None)` closes the open stage."""
+
+    def __init__(self, results: Results, stages: int, log):
+        self.results, self.stages, self.log = results, stages, log
+        self.t0, self.open = time.perf_counter(), {}
+
+    def __call__(self, n: int | None, what: str = "") -> None:
+        if self.open:
+            k, since = self.open.popitem()
+            if not self.results.finished:
+                totals = self.results.doc["stages"]
+                totals[k] = totals.get(k, 0.0) + time.perf_counter() - since
+                self.results.save()
+        if n is not None:
+            self.log(f"[{n}/{self.stages} at {time.perf_counter() - self.t0:.0f}s] {what}")
+            self.open[str(n)] = time.perf_counter()
+
 
 # ---------------------------------------------------------------------------------- data
 
@@ -243,12 +276,20 @@ def build_student(cfg: StudyConfig, teacher: str, caches, results: Results, log)
         kept = init_student(teacher, cfg.layers, cut)
         log(f"  kept layers {kept}")
     healed = os.path.join(cfg.workdir, f"student-{cfg.layers}L-kjv-{cfg.heal_chats}")
+    return heal(cfg, cut, healed, caches["heal"], results, LossConfig(loss="kd", base="fkl"))
+
+
+def heal(cfg: StudyConfig, cut: str, healed: str, cache: str, results: Results,
+         loss: LossConfig, fused_head: bool = True) -> str:
+    """Train `cut` one epoch on the healing cache into `healed` (resuming), record what it
+    took, and pin the healed weights' hash in the results file (a file made with another
+    student is refused). Returns the healed model folder."""
     if not os.path.exists(os.path.join(healed, "model", "config.json")):
         t0 = time.perf_counter()
         s = train(TrainConfig(
-            cache=caches["heal"], student=cut, output=healed, epochs=1, lr=cfg.heal_lr,
+            cache=cache, student=cut, output=healed, epochs=1, lr=cfg.heal_lr,
             warmup_ratio=0.03, min_lr_ratio=0.0, seed=0, resume=checkpoint.resumable(healed),
-            loss=LossConfig(loss="kd", base="fkl"),
+            loss=loss, fused_head=fused_head,
             loader=LoaderConfig(batch_tokens=cfg.heal_batch_tokens, seed=0),
             checkpoint_every=50, progress=False, tensorboard=False,
         ), log=lambda m: None)
@@ -427,23 +468,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
         raise UserError("the study compares against kd in the teacher setting: keep both")
     os.makedirs(cfg.workdir, exist_ok=True)
     results = Results(cfg.results or os.path.join(cfg.workdir, "results.json"), cfg)
-    t0 = time.perf_counter()
-    timer = {}
-    rerun = results.finished  # a finished study re-run only reprints its report
-
-    def close_stage() -> None:
-        """Add the time since the open stage began to its total (resumed runs add up)."""
-        if timer:
-            k, since = timer.popitem()
-            if not rerun:
-                spent = time.perf_counter() - since
-                results.doc["stages"][k] = results.doc["stages"].get(k, 0.0) + spent
-                results.save()
-
-    def stage(n: int, what: str) -> None:
-        close_stage()
-        log(f"[{n}/8 at {time.perf_counter() - t0:.0f}s] {what}")
-        timer[str(n)] = time.perf_counter()
+    stage = StageClock(results, 8, log)  # (a finished study re-run only reprints its report)
 
     stage(1, "teacher: SmolLM2-135M-Instruct (GGUF -> HF folder, once)")
     teacher = assets.smollm2_folder(os.path.join(cfg.workdir, "assets"), dtype="fp32")
@@ -483,7 +508,7 @@ def run_study(cfg: StudyConfig, log=print) -> dict:
             for arm in cfg.arms:
                 st.run("human", arm, best[arm], seed, "test")
     stage(8, "report")
-    close_stage()  # (the report's own second or two is not counted)
+    stage(None)  # (the report's own second or two is not counted)
     results.doc["complete"] = True
     results.doc["seconds"] = sum(results.doc["stages"].values())
     results.save()

@@ -115,14 +115,17 @@ ON_POLICY_SMOKE = {**SMOKE, "rounds": 2, "prompts_per_round": 6, "rollouts": 1,
                    "settings": ["teacher"]}
 
 
-def on_policy_study_config(smoke: bool = False, **values) -> OnPolicyStudyConfig:
-    """The registered comparison, or its smoke size (in <workdir>-quick), with `values`
-    (flags the user gave) on top."""
-    merged = dict(ON_POLICY_SMOKE) if smoke else {}
-    if smoke:
-        merged["workdir"] = OnPolicyStudyConfig.workdir + "-quick"
+def sized(cls, smoke_sizes: dict, smoke: bool, values: dict):
+    """A recipe's registered design (`cls`), or its smoke size in <workdir>-quick, with
+    `values` (flags the user gave; None = not given) on top."""
+    merged = {**smoke_sizes, "workdir": cls.workdir + "-quick"} if smoke else {}
     merged.update({k: v for k, v in values.items() if v is not None})
-    return OnPolicyStudyConfig(**merged)
+    return cls(**merged)
+
+
+def on_policy_study_config(smoke: bool = False, **values) -> OnPolicyStudyConfig:
+    """The registered on-policy comparison, or its smoke size."""
+    return sized(OnPolicyStudyConfig, ON_POLICY_SMOKE, smoke, values)
 
 
 def study_config(preset: str | None = None, **values) -> StudyConfig:
@@ -174,9 +177,5 @@ CROSSTOK_SMOKE = {**SMOKE, "student_vocab": 600, "seeds": [0], "human_seeds": []
 
 
 def crosstok_study_config(smoke: bool = False, **values) -> CrossTokStudyConfig:
-    """The registered cross-tokenizer study, or its smoke size (in <workdir>-quick)."""
-    merged = dict(CROSSTOK_SMOKE) if smoke else {}
-    if smoke:
-        merged["workdir"] = CrossTokStudyConfig.workdir + "-quick"
-    merged.update({k: v for k, v in values.items() if v is not None})
-    return CrossTokStudyConfig(**merged)
+    """The registered cross-tokenizer study, or its smoke size."""
+    return sized(CrossTokStudyConfig, CROSSTOK_SMOKE, smoke, values)
