@@ -254,12 +254,8 @@ def run_crosstok_study(cfg: CrossTokStudyConfig, log=print) -> dict:
     arms_stage(st, [a for a in cfg.arms if a not in primary])
     stage(7, "report")
     stage(None)
-    results.doc["complete"] = True
-    results.doc["seconds"] = sum(results.doc["stages"].values())
-    results.save()
     text = format_report(results.doc)
-    with open(os.path.join(cfg.workdir, "crosstok-report.md"), "w") as f:
-        f.write(text + "\n")
+    results.finish(text, os.path.join(cfg.workdir, "crosstok-report.md"))
     log(text)
     return results.doc
 

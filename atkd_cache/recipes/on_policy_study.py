@@ -219,12 +219,8 @@ def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     arms_stage(st, others)
     stage(7, "report")
     stage(None)
-    results.doc["complete"] = True
-    results.doc["seconds"] = sum(results.doc["stages"].values())
-    results.save()
     text = format_report(results.doc)
-    with open(os.path.join(cfg.workdir, "on-policy-report.md"), "w") as f:
-        f.write(text + "\n")
+    results.finish(text, os.path.join(cfg.workdir, "on-policy-report.md"))
     log(text)
     return results.doc
 

@@ -100,6 +100,14 @@ class Results:
     def save(self) -> None:
         write_json(self.path, self.doc)
 
+    def finish(self, report: str, path: str) -> None:
+        """Mark the results complete (with the stages' total) and write `report` to `path`."""
+        self.doc["complete"] = True
+        self.doc["seconds"] = sum(self.doc["stages"].values())
+        self.save()
+        with open(path, "w") as f:
+            f.write(report + "\n")
+
     @staticmethod
     def load(path: str, design: int | str, command: str) -> dict:
         """A finished or running results file of `design`, or one line saying why not."""
