@@ -254,9 +254,7 @@ def run_crosstok_study(cfg: CrossTokStudyConfig, log=print) -> dict:
     arms_stage(st, [a for a in cfg.arms if a not in primary])
     stage(7, "report")
     stage(None)
-    text = format_report(results.doc)
-    results.finish(text, os.path.join(cfg.workdir, "crosstok-report.md"))
-    log(text)
+    log(results.finish(format_report, os.path.join(cfg.workdir, "crosstok-report.md")))
     return results.doc
 
 

@@ -219,9 +219,7 @@ def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     arms_stage(st, others)
     stage(7, "report")
     stage(None)
-    text = format_report(results.doc)
-    results.finish(text, os.path.join(cfg.workdir, "on-policy-report.md"))
-    log(text)
+    log(results.finish(format_report, os.path.join(cfg.workdir, "on-policy-report.md")))
     return results.doc
 
 

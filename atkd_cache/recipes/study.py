@@ -100,13 +100,16 @@ class Results:
     def save(self) -> None:
         write_json(self.path, self.doc)
 
-    def finish(self, report: str, path: str) -> None:
-        """Mark the results complete (with the stages' total) and write `report` to `path`."""
+    def finish(self, render, path: str) -> str:
+        """Mark the results complete (with the stages' total), then write the report
+        `render(doc)` to `path`; returns it."""
         self.doc["complete"] = True
         self.doc["seconds"] = sum(self.doc["stages"].values())
         self.save()
+        text = render(self.doc)
         with open(path, "w") as f:
-            f.write(report + "\n")
+            f.write(text + "\n")
+        return text
 
     @staticmethod
     def load(path: str, design: int | str, command: str) -> dict:
