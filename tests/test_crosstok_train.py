@@ -398,3 +398,17 @@ def test_an_nfc_student_is_byte_level_and_refuses_text_it_would_change(xt, asset
     assert len(aligner.align(seq("caf\u00e9 au lait")).teacher_ll) > 0  # NFC already
     with pytest.raises(UserError, match="sequence 7.*NFC"):
         aligner.align(seq("cafe\u0301 au lait"))  # e + combining accent: NFC changes it
+
+
+def test_concat_keeps_the_text(assets, tmp_path):
+    """Joined caches keep their (shared) tokenizer: the joined cache gives back each part's
+    bytes."""
+    from atkd_cache.cache.concat import concat_caches
+
+    dump(assets, tmp_path / "a", shape="chat", limit=5)
+    dump(assets, tmp_path / "b", shape="chat", limit=9)
+    joined = concat_caches([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab"))
+    text, part = load_text(joined), load_text(open_cache(str(tmp_path / "b")))
+    assert text.table == part.table
+    assert text.sequence_bytes(joined[7].input_ids) == part.sequence_bytes(
+        open_cache(str(tmp_path / "b"))[2].input_ids)

@@ -220,7 +220,7 @@ def check_on_policy_study(workdir: Path, study_doc: dict) -> None:
         "teacher", "kd", cfg.lrs[0], 0)]["out"]
     budget = cfg.train_prompts * cfg.responses
     assert {arm: r["replies"] for arm, r in runs.items()} == {a: budget for a in cfg.arms}
-    for arm in ("onpolicy-kd", "onpolicy-rkl", "offpolicy-then-onpolicy"):
+    for arm in ("onpolicy-kd", "offpolicy-then-onpolicy"):
         folder = Path(runs[arm]["out"]).parents[1]  # .../lrX-seed0 (out = round-NNN/train)
         rounds = cfg.rounds // 2 if arm == "offpolicy-then-onpolicy" else cfg.rounds
         cards = [open_cache(str(folder / f"round-{r:03d}" / "teacher")).card

@@ -37,7 +37,8 @@ from atkd_cache.paths import check_output_folder
 
 # Card fields that may differ between the parts: what data they were made from.
 PART_FIELDS = ("data_source", "data_split", "data_limit", "data_fingerprint", "created_at",
-               "fingerprint", "extra", "shard_positions", "tool_version", "planned_shards")
+               "fingerprint", "extra", "shard_positions", "tool_version", "planned_shards",
+               "text")  # (the tokenizer itself is compared: tokenizer_fingerprint)
 
 
 def _check_same_card(first: Cache, other: Cache) -> None:
@@ -82,6 +83,8 @@ def joined_card(caches: list[Cache]) -> CacheCard:
              "data_fingerprint": c.card.data_fingerprint} for c in caches
         ]},
         planned_shards=sum(len(c.shard_rows) for c in caches),
+        # its text when every part has one (the parts share the tokenizer: checked)
+        text=first.text if all(c.card.text for c in caches) else {},
     )
     card.fingerprint = card.content_fingerprint()
     return card
@@ -137,6 +140,9 @@ def concat_caches(inputs: list[str], output: str) -> Cache:
                                            cache.array_names),
             })
             first_sequence += row["num_sequences"]
+    if card.text:  # the joined cache keeps its text: the first part's tokenizer files
+        shutil.copytree(Path(caches[0].path) / card.text["tokenizer"],
+                        staging / card.text["tokenizer"])
     zarr.open_group(str(staging / ".root"), mode="w", attributes=card.to_attrs())
     os.replace(staging / ".root" / "zarr.json", staging / "zarr.json")
     shutil.rmtree(staging / ".root")
