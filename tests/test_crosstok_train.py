@@ -412,3 +412,27 @@ def test_concat_keeps_the_text(assets, tmp_path):
     assert text.table == part.table
     assert text.sequence_bytes(joined[7].input_ids) == part.sequence_bytes(
         open_cache(str(tmp_path / "b"))[2].input_ids)
+
+
+def test_packed_and_padded_aligned_batches_give_the_same_rows(xt):
+    """collate_aligned with pack=True (one row, position ids) and pack=False (padded) hold the
+    same targets and chunks, and the student's log-probs at the rows agree."""
+    from atkd_cache.models import load_causal_lm
+    from atkd_cache.train.loader import collate_aligned
+    from atkd_cache.train.student import RowLogits
+
+    cache = open_cache(xt["chat"])
+    aligner = Aligner(load_text(cache).table, AutoTokenizer.from_pretrained(xt["student"]))
+    seqs = [cache[i] for i in range(5)]
+    aligned = [aligner.align(s) for s in seqs]
+    padded = collate_aligned(seqs, aligned, False, aligner.vocab_map)
+    packed = collate_aligned(seqs, aligned, True, aligner.vocab_map)
+    for key in ("target_ids", "chunk.chunk_of_row", "chunk.teacher_ll", "chunk.first_row",
+                "chunk.support_student_ids", "group_offsets"):
+        assert torch.equal(padded[key], packed[key]), key
+    net = RowLogits(load_causal_lm(xt["student"], dtype="fp32", device="cpu").eval())
+    with torch.no_grad():
+        a = net(padded["input_ids"], padded["rows"], attention_mask=padded["attention_mask"])
+        b = net(packed["input_ids"], packed["rows"], position_ids=packed["position_ids"])
+    torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1),
+                               rtol=1e-4, atol=1e-4)
