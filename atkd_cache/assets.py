@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,11 +54,19 @@ def smollm2_folder(workdir: str, dtype: str = "fp32") -> str:
         return folder
     gguf = smollm2_gguf()
     model = load_causal_lm(gguf, dtype="fp32").to(DTYPES[dtype])
-    tmp = folder + ".tmp"
+    # Several processes may convert at once (test workers, a recipe beside them): each
+    # writes its own temp folder; the first rename wins and the others drop theirs.
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     with torch.no_grad():
         model.save_pretrained(tmp)
     load_tokenizer(gguf).save_pretrained(tmp)
-    os.replace(tmp, folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process renamed its copy into place first
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
