@@ -31,7 +31,7 @@ from atkd_cache.cache.text import load_text  # noqa: E402
 from atkd_cache.data import DataSpec  # noqa: E402
 from atkd_cache.dump import DumpConfig, dump_teacher  # noqa: E402
 from atkd_cache.models import load_tokenizer  # noqa: E402
-from atkd_cache.train.align import Aligner  # noqa: E402
+from atkd_cache.train.align import cache_aligner  # noqa: E402
 from atkd_cache.train.loader import CacheDataset, LoaderConfig  # noqa: E402
 
 
@@ -109,7 +109,7 @@ def main() -> None:
     cache, student = build(args.workdir, args.chats, args.student_vocab)
     opened = open_cache(cache)
     text = load_text(opened)
-    aligner = Aligner(text.table, load_tokenizer(student))
+    aligner = cache_aligner(opened, load_tokenizer(student))
     cfg = LoaderConfig(batch_tokens=args.batch_tokens, num_workers=0)
     same = min((one_pass(cache, cfg) for _ in range(args.repeats)), key=lambda p: p["seconds"])
     cross = min((one_pass(cache, cfg, aligner) for _ in range(args.repeats)),

@@ -25,8 +25,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-import numpy as np
-
 from atkd_cache.cache.schema import TOKENIZER_DIR
 from atkd_cache.errors import UserError
 
@@ -106,21 +104,14 @@ class CacheText:
     tokenizer: object
     table: list[bytes | None]
 
-    def token_lengths(self, ids) -> np.ndarray:
-        """Byte length of each token; UserError for an id with no bytes."""
-        out = np.empty(len(ids), dtype=np.int64)
-        for n, i in enumerate(ids):
-            b = self.table[int(i)]
-            if b is None:
-                raise UserError(f"teacher token id {int(i)} has no bytes in the cache's "
-                                f"tokenizer: the cache's text cannot be recovered")
-            out[n] = len(b)
-        return out
-
     def sequence_bytes(self, ids) -> bytes:
-        """The bytes a sequence of teacher ids stands for."""
-        self.token_lengths(ids)  # (refuses an id with no bytes)
-        return b"".join(self.table[int(i)] for i in ids)
+        """The bytes a sequence of teacher ids stands for; UserError for an id with none."""
+        pieces = [self.table[int(i)] for i in ids]
+        if None in pieces:
+            bad = int(ids[pieces.index(None)])
+            raise UserError(f"teacher token id {bad} has no bytes in the cache's tokenizer: "
+                            f"the cache's text cannot be recovered")
+        return b"".join(pieces)
 
 
 def load_text(cache) -> CacheText:

@@ -100,12 +100,6 @@ def cross_tokenizer_collator(cache: str, tokenizer, pack: bool = False) -> KDCol
     row's text (from the tokenizer stored in `cache`) is re-tokenized by `tokenizer` and cut
     into byte-aligned chunks; train with LossConfig(cross_tokenizer="alm" | "uld" | "gold")."""
     from atkd_cache.cache.reader import open_cache
-    from atkd_cache.cache.text import is_byte_level, load_text
-    from atkd_cache.train.align import Aligner
+    from atkd_cache.train.align import cache_aligner
 
-    if not is_byte_level(tokenizer):
-        raise UserError("the student's tokenizer is not byte-level (it normalises text): "
-                        "cross-tokenizer alignment needs a byte-level student tokenizer")
-    opened = open_cache(cache)
-    return KDCollator(pack=pack, aligner=Aligner(load_text(opened).table, tokenizer,
-                                                 f" of {opened.path}"))
+    return KDCollator(pack=pack, aligner=cache_aligner(open_cache(cache), tokenizer))

@@ -24,8 +24,8 @@ from transformers import Trainer
 from atkd_cache.errors import UserError
 from atkd_cache.hf.collator import TEACHER_COLUMNS
 from atkd_cache.losses.crosstok import crosstok_loss
-from atkd_cache.losses.kd import LossConfig
-from atkd_cache.train.student import loss_at_rows
+from atkd_cache.losses.kd import LossConfig, is_count
+from atkd_cache.train.student import head_module_logits, loss_at_rows
 from atkd_cache.train.trainer import (
     chunk_teacher,
     destroy_process_group_at_exit,
@@ -110,9 +110,7 @@ class KDLossMixin:
                             "give KDCollator(aligner=...) together with LossConfig("
                             "cross_tokenizer=...), or neither (docs/integrations.md)")
         if cross:  # a student of another tokenizer: chunk losses over [N, V] rows
-            logits = inner.get_output_embeddings()(picked)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = head_module_logits(picked, inner.get_output_embeddings(), softcap)
             out = crosstok_loss(logits, chunk_teacher(inputs, picked.device),
                                 self.kd_loss_config)
         else:
@@ -126,8 +124,7 @@ class KDLossMixin:
             share = loss_weight(inputs) * self.args.world_size / float(num_items_in_batch)
             loss = loss * share
             for key, value in out.parts.items():
-                weight = (1.0 if key.endswith("tokens") or key == "chunks"
-                          else share / self.args.world_size)
+                weight = 1.0 if is_count(key) else share / self.args.world_size
                 self.kd_parts[key] = self.kd_parts.get(key, 0.0) + float(value) * weight
         return (loss, outputs) if return_outputs else loss
 

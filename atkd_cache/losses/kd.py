@@ -112,6 +112,12 @@ class LossOutput:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def is_count(part: str) -> bool:
+    """Is a loss part a count (tokens, easy/hard tokens, chunks)? Counts add up over a
+    step's micro-batches; the other parts are means, weighted by each micro-batch's share."""
+    return part.endswith("tokens") or part == "chunks"
+
+
 def _masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean over rows with weight 1; exactly 0 (not NaN) when there are none."""
     count = weight.sum()

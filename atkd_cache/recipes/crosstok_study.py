@@ -36,7 +36,6 @@ import numpy as np
 
 from atkd_cache import assets, tiny
 from atkd_cache.cache import open_cache
-from atkd_cache.cache.text import load_text
 from atkd_cache.data import DataSpec, generation_prompts, load_rows
 from atkd_cache.errors import UserError
 from atkd_cache.losses.kd import LossConfig
@@ -45,7 +44,7 @@ from atkd_cache.recipes.stats import Paired, paired_bootstrap, seed_interval, ve
 from atkd_cache.recipes.study_config import CROSSTOK_ARMS, CrossTokStudyConfig
 from atkd_cache.recipes.study_report import _cell, _interval, _mean_std
 from atkd_cache.train import checkpoint
-from atkd_cache.train.align import Aligner
+from atkd_cache.train.align import Aligner, cache_aligner
 from atkd_cache.train.evaluate import bits_per_byte, decode_replies, reply_scores
 from atkd_cache.train.loader import LoaderConfig
 from atkd_cache.train.student import init_student
@@ -233,7 +232,7 @@ def run_crosstok_study(cfg: CrossTokStudyConfig, log=print) -> dict:
     tok_folder = student_tokenizer(cfg, teacher_tok, data)
     student = build_student(cfg, teacher, tok_folder, caches, results)
     student_tok = load_tokenizer(student)
-    aligner = Aligner(load_text(open_cache(caches["train-teacher"])).table, student_tok)
+    aligner = cache_aligner(open_cache(caches["train-teacher"]), student_tok, student)
     budget = byte_budget(caches["train-teacher"], aligner, cfg.max_new_tokens)
     results.doc["data"] = {"student_max_new_tokens": budget,
                            "test_prompts": cfg.test_prompts, "val_prompts": cfg.val_prompts}

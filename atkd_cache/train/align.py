@@ -81,8 +81,6 @@ class Aligner:
 
     def __init__(self, teacher_table: list[bytes | None], student_tokenizer, where: str = ""):
         self.teacher_table = teacher_table
-        self.teacher_lengths = np.array([-1 if b is None else len(b) for b in teacher_table],
-                                        dtype=np.int64)
         self.tokenizer = student_tokenizer
         self.student_table = token_bytes(student_tokenizer)
         self.where = where
@@ -94,12 +92,11 @@ class Aligner:
     def align(self, seq) -> AlignedSequence:
         """Align one CachedSequence (input_ids, supervised, target_logprob)."""
         t_ids = np.asarray(seq.input_ids, dtype=np.int64)
-        lengths = self.teacher_lengths[t_ids]
-        if (lengths < 0).any():
-            bad = int(t_ids[np.argmax(lengths < 0)])
-            raise UserError(f"teacher token id {bad} has no bytes in the cache's tokenizer "
-                            f"(sequence {seq.seq_id}): its text cannot be aligned")
-        ends = np.cumsum(lengths)
+        try:
+            ends = byte_ends(t_ids, self.teacher_table)
+        except ValueError as e:
+            raise UserError(f"teacher {e} (sequence {seq.seq_id}{self.where}): its text cannot "
+                            f"be aligned") from None
         data = b"".join(self.teacher_table[i] for i in t_ids.tolist())
         n_t, dropped = len(t_ids), 0
         try:
@@ -111,8 +108,8 @@ class Aligner:
             text = data[:cut].decode("utf-8", errors="strict") if n_t else ""
         body = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"],
                           dtype=np.int64) if text else np.zeros(0, np.int64)
-        if b"".join(self.student_table[i] or b"\0" for i in body.tolist()) != data[
-                :len(data) - dropped]:
+        pieces = [self.student_table[i] for i in body.tolist()]
+        if None in pieces or b"".join(pieces) != data[:len(data) - dropped]:
             raise UserError(f"the student's tokenizer does not give back the bytes of "
                             f"sequence {seq.seq_id}{self.where} (it normalises text, e.g. NFC "
                             f"on text that is not NFC, or has tokens without bytes): "
@@ -123,7 +120,7 @@ class Aligner:
                                 np.zeros(0), *(np.zeros(0, np.int64),) * 4, dropped)
         if n_t == 0 or len(body) == 0:
             return empty
-        s_ends = np.cumsum([len(self.student_table[i]) for i in body.tolist()])
+        s_ends = np.cumsum([len(b) for b in pieces])
         cut = np.asarray(chunks(ends[:n_t], s_ends), dtype=np.int64).reshape(-1, 4)
         a_lo, a_hi, b_lo, b_hi = cut.T
         sup = np.asarray(seq.supervised[:n_t], dtype=bool)
@@ -154,6 +151,19 @@ class Aligner:
             chunk_bytes=prev[a_hi] - prev[a_lo],
             dropped_bytes=dropped,
         )
+
+
+def cache_aligner(cache, tokenizer, student: str = "the student") -> Aligner:
+    """The aligner of a student's tokenizer to an opened cache's text (the cache's stored
+    teacher tokenizer, cache/text.py); one line when the student's tokenizer is not
+    byte-level (before anything heavy loads)."""
+    from atkd_cache.cache.text import is_byte_level, load_text
+
+    if not is_byte_level(tokenizer):
+        raise UserError(f"{student}: its tokenizer is not byte-level (it normalises text, so "
+                        f"its tokens do not give the text back byte for byte): "
+                        f"--cross-tokenizer needs a byte-level student tokenizer")
+    return Aligner(load_text(cache).table, tokenizer, f" of {cache.path}")
 
 
 def vocab_map(teacher_table: list[bytes | None], student_table: list[bytes | None]

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from atkd_cache.cache.join import same_sequence
 from atkd_cache.cache.reader import Cache, CachedSequence, open_cache
 from atkd_cache.errors import UserError
+from atkd_cache.losses.bucket import support_columns
 
 # (shard index, sequence index inside the shard, number of tokens)
 SeqRef = tuple[int, int, int]
@@ -237,75 +238,74 @@ def collate(
     same order as the teacher arrays; `group_offsets` delimits each sequence's rows.
     `others`: the same sequences read from more caches (several teachers); teacher i's
     arrays are named "teacher{i}.<name>" (i = 1, 2, ...)."""
-    lengths = [len(s.input_ids) for s in seqs]
-    if pack:
-        input_ids = np.concatenate([s.input_ids for s in seqs])[None].astype(np.int64)
-        position_ids = np.concatenate([np.arange(n) for n in lengths])[None]
-        starts = np.cumsum([0, *lengths[:-1]])
-    else:
-        width = max(lengths)
-        input_ids = np.zeros((len(seqs), width), dtype=np.int64)
-        attention_mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for b, s in enumerate(seqs):
-            input_ids[b, : lengths[b]] = s.input_ids
-            attention_mask[b, : lengths[b]] = 1
-        starts = np.arange(len(seqs)) * width
+    layout, starts = token_layout([s.input_ids for s in seqs], pack)
     rows_of = [
         start + np.flatnonzero(s.supervised) for start, s in zip(starts, seqs, strict=True)
     ]
     counts = [len(r) for r in rows_of]
     batch = {
-        "input_ids": torch.from_numpy(input_ids),
+        **layout,
         "rows": torch.from_numpy(np.concatenate(rows_of).astype(np.int64)),
         "group_offsets": torch.from_numpy(np.cumsum([0, *counts]).astype(np.int64)),
         "seq_index": torch.tensor([s.index for s in seqs], dtype=torch.int64),
         "target_ids": torch.from_numpy(
             np.concatenate([s.target_ids for s in seqs]).astype(np.int64)),
-        "real_tokens": torch.tensor(sum(lengths)),
+        "real_tokens": torch.tensor(sum(len(s.input_ids) for s in seqs)),
         **teacher_arrays(seqs),
     }
-    max_id = int(input_ids.max())
+    max_id = int(layout["input_ids"].max())
     for i, more in enumerate(others, start=1):  # the same sequences, another teacher each
         batch.update(teacher_arrays(more, prefix=f"teacher{i}."))
     for key, value in batch.items():
         if key.endswith(("topk_ids", "sample_ids")) and value.numel():
             max_id = max(max_id, int(value.max()))
     batch["max_id"] = torch.tensor(max_id)
-    if pack:
-        batch["position_ids"] = torch.from_numpy(position_ids.astype(np.int64))
-    else:
-        batch["attention_mask"] = torch.from_numpy(attention_mask)
     return batch
+
+
+def token_layout(token_arrays: list[np.ndarray], pack: bool
+                 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """Sequences' tokens as a micro-batch's model input: padded rows [B, T] with an
+    attention mask, or (pack) one row of them all with position ids restarting per sequence;
+    and where each sequence starts in the flattened input (the base of its `rows`)."""
+    lengths = [len(t) for t in token_arrays]
+    if pack:
+        layout = {"input_ids": np.concatenate(token_arrays)[None].astype(np.int64),
+                  "position_ids": np.concatenate([np.arange(n) for n in lengths])[None]
+                  .astype(np.int64)}
+        starts = np.cumsum([0, *lengths[:-1]])
+    else:
+        width = max(lengths)
+        layout = {"input_ids": np.zeros((len(lengths), width), dtype=np.int64),
+                  "attention_mask": np.zeros((len(lengths), width), dtype=np.int64)}
+        for b, t in enumerate(token_arrays):
+            layout["input_ids"][b, : lengths[b]] = t
+            layout["attention_mask"][b, : lengths[b]] = 1
+        starts = np.arange(len(lengths)) * width
+    return {k: torch.from_numpy(v) for k, v in layout.items()}, starts
 
 
 def collate_aligned(seqs: list[CachedSequence], aligned: list, pack: bool,
                     vocab_map: np.ndarray) -> dict[str, torch.Tensor]:
-    """A cross-tokenizer micro-batch (train/align.py): the student's own token ids as input,
-    `rows` = the student positions whose next token lies in a counted chunk, and the chunk
-    arrays under "chunk." (losses/crosstok.py ChunkTeacher). The teacher's support where
-    each chunk starts is mapped to student ids by exact bytes (`vocab_map`, -1: none)."""
-    lengths = [len(a.student_ids) for a in aligned]
-    if pack:
-        input_ids = np.concatenate([a.student_ids for a in aligned])[None]
-        starts = np.cumsum([0, *lengths[:-1]])
-    else:
-        input_ids = np.zeros((len(aligned), max(lengths)), dtype=np.int64)
-        attention_mask = np.zeros_like(input_ids)
-        for b, a in enumerate(aligned):
-            input_ids[b, : lengths[b]] = a.student_ids
-            attention_mask[b, : lengths[b]] = 1
-        starts = np.arange(len(aligned)) * input_ids.shape[1]
+    """A cross-tokenizer micro-batch (train/align.py): the student's own token ids as input
+    (laid out as `collate` lays out the teacher's), `rows` = the student positions whose next
+    token lies in a counted chunk, and the chunk arrays under "chunk." (losses/crosstok.py
+    ChunkTeacher). The teacher's support where each chunk starts (bucket.support_columns:
+    its target, then its top-k) is mapped to student ids by exact bytes (`vocab_map`, -1:
+    none)."""
+    layout, starts = token_layout([a.student_ids for a in aligned], pack)
     row_base = np.cumsum([0, *[len(a.rows) for a in aligned]])
     chunk_base = np.cumsum([0, *[len(a.teacher_ll) for a in aligned]])
     batch = {
-        "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+        **layout,
         "rows": torch.from_numpy(np.concatenate(
             [s + a.rows for s, a in zip(starts, aligned, strict=True)]).astype(np.int64)),
         "group_offsets": torch.from_numpy(row_base.astype(np.int64)),
         "seq_index": torch.tensor([s.index for s in seqs], dtype=torch.int64),
         "target_ids": torch.from_numpy(np.concatenate([a.target_ids for a in aligned])),
-        "real_tokens": torch.tensor(sum(lengths)),
-        "max_id": torch.tensor(int(input_ids.max()) if input_ids.size else 0),
+        "real_tokens": torch.tensor(sum(len(a.student_ids) for a in aligned)),
+        "max_id": torch.tensor(int(layout["input_ids"].max()) if layout["input_ids"].numel()
+                               else 0),
         "chunk.chunk_of_row": torch.from_numpy(np.concatenate(
             [c + a.chunk_of_row for c, a in zip(chunk_base[:-1], aligned, strict=True)])),
         "chunk.teacher_ll": torch.from_numpy(np.concatenate([a.teacher_ll for a in aligned])),
@@ -315,24 +315,18 @@ def collate_aligned(seqs: list[CachedSequence], aligned: list, pack: bool,
         "chunk.offsets": torch.from_numpy(chunk_base.astype(np.int64)),
     }
     if seqs[0].topk_ids is not None:  # the teacher's support where each chunk starts
-        first = [(s.topk_ids[a.teacher_first], s.topk_logprobs[a.teacher_first],
-                  a.teacher_first_id, s.target_logprob[a.teacher_first])
-                 for s, a in zip(seqs, aligned, strict=True)]
-        topk_ids = np.concatenate([f[0] for f in first]).astype(np.int64)
-        first_ids = np.concatenate([f[2] for f in first]).astype(np.int64)
-        ids = np.concatenate([first_ids[:, None], topk_ids], axis=1)
-        valid = np.ones(ids.shape, dtype=bool)
-        valid[:, 1:] = topk_ids != first_ids[:, None]
-        batch["chunk.support_logprobs"] = torch.from_numpy(np.concatenate(
-            [np.concatenate([f[3] for f in first])[:, None].astype(np.float32),
-             np.concatenate([f[1] for f in first]).astype(np.float32)], axis=1))
-        batch["chunk.support_valid"] = torch.from_numpy(valid)
-        batch["chunk.support_student_ids"] = torch.from_numpy(vocab_map[ids])
-    if pack:
-        batch["position_ids"] = torch.from_numpy(np.concatenate(
-            [np.arange(n) for n in lengths])[None].astype(np.int64))
-    else:
-        batch["attention_mask"] = torch.from_numpy(attention_mask)
+        def cat(pick) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate(
+                [pick(s, a) for s, a in zip(seqs, aligned, strict=True)]))
+
+        ids, valid = support_columns(
+            cat(lambda s, a: s.topk_ids[a.teacher_first].astype(np.int64)),
+            cat(lambda s, a: a.teacher_first_id.astype(np.int64)))
+        lp = torch.cat([cat(lambda s, a: s.target_logprob[a.teacher_first])[:, None].float(),
+                        cat(lambda s, a: s.topk_logprobs[a.teacher_first]).float()], dim=1)
+        batch["chunk.support_logprobs"] = lp
+        batch["chunk.support_valid"] = valid
+        batch["chunk.support_student_ids"] = torch.from_numpy(vocab_map[ids.numpy()])
     return batch
 
 

@@ -239,7 +239,14 @@ def loss_at_rows(
     if fused and isinstance(head, nn.Linear):
         return fused_kd_loss(hidden, head.weight, teacher, loss_cfg, bias=head.bias,
                              group_offsets=group_offsets, softcap=softcap)
+    return kd_loss(head_module_logits(hidden, head, softcap), teacher, loss_cfg,
+                   group_offsets=group_offsets)
+
+
+def head_module_logits(hidden: torch.Tensor, head: nn.Module, softcap: float | None = None
+                       ) -> torch.Tensor:
+    """The LM head module's logits [N, V] of final hidden states [N, H], soft-capped as the
+    model caps them (a PEFT-wrapped head runs as itself: losses/fused.py's head_logits
+    takes a plain linear layer's weight)."""
     logits = head(hidden)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return kd_loss(logits, teacher, loss_cfg, group_offsets=group_offsets)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits

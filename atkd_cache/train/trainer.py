@@ -36,15 +36,14 @@ from atkd_cache import __version__
 from atkd_cache.cache.join import check_joinable, joined_identity
 from atkd_cache.cache.reader import Cache, open_cache
 from atkd_cache.cache.schema import CacheCard
-from atkd_cache.cache.text import is_byte_level, load_text
 from atkd_cache.errors import UserError, first_line
 from atkd_cache.losses.crosstok import ChunkTeacher, crosstok_loss
-from atkd_cache.losses.kd import LossConfig, SparseTeacher, kd_loss
+from atkd_cache.losses.kd import LossConfig, SparseTeacher, is_count, kd_loss
 from atkd_cache.losses.teachers import join_teachers, normalise_weights
 from atkd_cache.models import load_causal_lm, load_tokenizer, logits_width
 from atkd_cache.paths import check_output_folder
 from atkd_cache.train import checkpoint, fsdp
-from atkd_cache.train.align import Aligner
+from atkd_cache.train.align import cache_aligner
 from atkd_cache.train.loader import (
     CacheDataset,
     Cursor,
@@ -320,18 +319,14 @@ def accumulate_gradients(
         elif d.world > 1 and not last:
             sync = net.no_sync()
         with sync:
-            if "chunk.teacher_ll" in b:  # a student of another tokenizer
+            if "chunk.teacher_ll" in b:  # a student of another tokenizer: chunk losses
                 with autocast or contextlib.nullcontext():
                     logits = forward_rows(net, b, d.device)
                 out = crosstok_loss(logits, chunk_teacher(b, d.device), loss_cfg)
-                (out.loss * (n * d.world / n_total)).backward()
-                for key, value in out.parts.items():
-                    w = 1.0 if key in ("tokens", "chunks") else n / n_total
-                    sums[key] = sums.get(key, 0.0) + float(value) * w
-                continue
-            teacher = sparse_teacher(b, d.device, loss_cfg)
-            offsets = b["group_offsets"].to(d.device)
-            if fused:  # LM head + loss in one pass: no [N, V] logits
+                loss, parts = out.loss, out.parts
+            elif fused:  # LM head + loss in one pass: no [N, V] logits
+                teacher = sparse_teacher(b, d.device, loss_cfg)
+                offsets = b["group_offsets"].to(d.device)
                 with autocast or contextlib.nullcontext():
                     out = forward_rows(net, b, d.device, teacher=teacher, loss_cfg=loss_cfg,
                                        group_offsets=offsets)
@@ -339,11 +334,12 @@ def accumulate_gradients(
             else:
                 with autocast or contextlib.nullcontext():
                     logits = forward_rows(net, b, d.device)
-                out = kd_loss(logits, teacher, loss_cfg, group_offsets=offsets)
+                out = kd_loss(logits, sparse_teacher(b, d.device, loss_cfg), loss_cfg,
+                              group_offsets=b["group_offsets"].to(d.device))
                 loss, parts = out.loss, out.parts
             (loss * (n * d.world / n_total)).backward()
         for key, value in parts.items():
-            w = 1.0 if key.endswith("tokens") else n / n_total
+            w = 1.0 if is_count(key) else n / n_total
             sums[key] = sums.get(key, 0.0) + float(value) * w
     return sums
 
@@ -583,19 +579,17 @@ def _check_run_fits(cfg: TrainConfig, d: Dist, caches: list[Cache]) -> None:
 def _build_student(cfg: TrainConfig, d: Dist, caches: list[Cache]):
     """(tokenizer, model, the wrapped net a step calls, optimizer, logits width)."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
-    aligner = None
-    if cfg.loss.cross_tokenizer:  # the student re-tokenizes the cache's text (train/align.py)
-        if not is_byte_level(tokenizer):
-            raise UserError(f"{cfg.student}: its tokenizer is not byte-level (it normalises "
-                            f"text, so its tokens do not give the text back byte for byte): "
-                            f"--cross-tokenizer needs a byte-level student tokenizer")
-        aligner = Aligner(load_text(caches[0]).table, tokenizer, f" of {caches[0].path}")
-    for cache in caches if not cfg.loss.cross_tokenizer else []:  # before the model loads
+    # a student of another tokenizer re-tokenizes the cache's text (train/align.py); one of
+    # the teacher's tokenizer is checked against every cache, before the model loads
+    aligner = cache_aligner(caches[0], tokenizer, cfg.student) if cfg.loss.cross_tokenizer \
+        else None
+    same_tokenizer = [] if aligner else caches
+    for cache in same_tokenizer:
         check_compatible(cache.card, tokenizer, None, cfg.student)
     model = load_causal_lm(cfg.student, dtype="fp32", device=str(d.device),
                            trust_remote_code=cfg.trust_remote_code)
     width = logits_width(model)
-    for cache in caches if not cfg.loss.cross_tokenizer else []:
+    for cache in same_tokenizer:
         check_compatible(cache.card, tokenizer, width, cfg.student)
     model.train()
     if cfg.gradient_checkpointing:
