@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,41 +171,6 @@ class Scorer:
                 "bpb": bpb, "reply_ids": ids, "examples": text[:3]}
 
 
-def run_one(st: dict, arm: str, lr: float, seed: int, split: str) -> dict:
-    """Train (if needed) and score one run on `split`."""
-    results, key = st["results"], study.run_key("teacher", arm, lr, seed)
-    run = results.get(key) or {}
-    if split in run:
-        return run
-    t0 = time.perf_counter()
-    if not os.path.exists(os.path.join(run.get("out", "/nonexistent"), "model")):
-        run = {**run, **train_arm(st["cfg"], arm, lr, seed, st["student"], st["caches"])}
-        run["train_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run[split] = st["score"](os.path.join(run["out"], "model"), split)
-    run[f"{split}_seconds"] = time.perf_counter() - t0
-    results.put(key, run)
-    st["log"](f"  {key}: {split} ROUGE-L to teacher "
-              f"{np.mean(run[split]['per_prompt'][PRIMARY]):.4f}, bits/byte "
-              f"{run[split]['bpb']['teacher']['bits_per_byte']:.4f} ({run['steps']} steps)")
-    return run
-
-
-def arms_stage(st: dict, arms: list[str]) -> None:
-    """Grid on validation (seed 0; ties to the earlier lr), then every seed on test."""
-    cfg, doc = st["cfg"], st["results"].doc
-    doc["lrs_searched"] = list(cfg.lrs)
-    for arm in arms:
-        if arm not in doc.setdefault("best_lr", {}):
-            vals = [np.mean(run_one(st, arm, lr, cfg.seeds[0], "val")["val"]["per_prompt"]
-                            [PRIMARY]) for lr in cfg.lrs]
-            doc["best_lr"][arm] = cfg.lrs[int(np.argmax(vals))]
-            st["results"].save()
-    for seed in cfg.seeds:
-        for arm in arms:
-            run_one(st, arm, doc["best_lr"][arm], seed, "test")
-
-
 def run_crosstok_study(cfg: CrossTokStudyConfig, log=print) -> dict:
     """Run (or continue) every stage; returns the results document."""
     from atkd_cache.models import load_tokenizer
@@ -244,13 +208,15 @@ def run_crosstok_study(cfg: CrossTokStudyConfig, log=print) -> dict:
     if "test" not in start:
         start["val"], start["test"] = score(student, "val"), score(student, "test")
         results.save()
-    st = {"cfg": cfg, "results": results, "student": student, "caches": caches,
-          "score": score, "log": log}
+    st = study.Stage(cfg, student, caches, evals, results, student_tok, None, log,
+                     trainer=lambda setting, arm, lr, seed: train_arm(
+                         cfg, arm, lr, seed, student, caches),
+                     scorer=score)
     primary = [cfg.baseline, cfg.challenger]
     stage(5, f"primary arms {primary}: lr {cfg.lrs} on validation, seeds {cfg.seeds} on test")
-    arms_stage(st, primary)
+    study.grid_then_seeds(st, primary)
     stage(6, "the other arms: the same grid and seeds")
-    arms_stage(st, [a for a in cfg.arms if a not in primary])
+    study.grid_then_seeds(st, [a for a in cfg.arms if a not in primary])
     stage(7, "report")
     stage(None)
     log(results.finish(format_report, os.path.join(cfg.workdir, "crosstok-report.md")))

@@ -152,23 +152,6 @@ def train_offpolicy(cfg: OnPolicyStudyConfig, lr: float, seed: int, student: str
             "teacher_tokens_scored": train_cache.num_supervised}
 
 
-def arms_stage(st: study.Stage, arms: list[str]) -> None:
-    """Grid (seed 0, validation, ties to the earlier lr) then every seed on test, for `arms`."""
-    cfg, doc = st.cfg, st.results.doc
-    doc["lrs_searched"] = list(cfg.lrs)
-    for arm in arms:
-        if arm in doc.get("best_lr", {}):
-            continue
-        vals = [np.mean(st.run("teacher", arm, lr, cfg.seeds[0], "val")["val"]["per_prompt"]
-                        [PRIMARY]) for lr in cfg.lrs]
-        doc.setdefault("best_lr", {})[arm] = cfg.lrs[int(np.argmax(vals))]
-        st.results.save()
-        st.log(f"  {arm}: lr {doc['best_lr'][arm]:g} chosen on validation")
-    for seed in cfg.seeds:  # seed by seed: a stopped run still has whole paired seeds
-        for arm in arms:
-            st.run("teacher", arm, doc["best_lr"][arm], seed, "test")
-
-
 def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     """Run (or continue) every stage; returns the results document."""
     from atkd_cache.models import load_tokenizer
@@ -213,10 +196,10 @@ def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     primary = [cfg.baseline, cfg.challenger]
     stage(5, f"primary arms {primary}: lr {cfg.lrs} on validation (seed {cfg.seeds[0]}), "
              f"then seeds {cfg.seeds} on test")
-    arms_stage(st, primary)
+    study.grid_then_seeds(st, primary)
     others = [a for a in cfg.arms if a not in primary]
     stage(6, f"other arms {others}: the same grid and seeds")
-    arms_stage(st, others)
+    study.grid_then_seeds(st, others)
     stage(7, "report")
     stage(None)
     log(results.finish(format_report, os.path.join(cfg.workdir, "on-policy-report.md")))

@@ -46,6 +46,7 @@ from atkd_cache.fingerprint import weights_hash
 from atkd_cache.losses.kd import LossConfig
 from atkd_cache.recipes.files import write_json, write_jsonl_once
 from atkd_cache.recipes.study_config import ARMS, EXAMPLES, SETTINGS, StudyConfig
+from atkd_cache.recipes.study_report import PRIMARY
 from atkd_cache.train import checkpoint
 from atkd_cache.train.evaluate import (
     cache_metrics,
@@ -368,15 +369,27 @@ class Stage:
     """What every run of a stage needs: config, student, caches, the split's references."""
 
     def __init__(self, cfg, student, caches, evals, results, tokenizer, teacher, log,
-                 trainer=None):
+                 trainer=None, scorer=None):
         self.cfg, self.student, self.caches, self.evals = cfg, student, caches, evals
         self.results, self.tokenizer, self.teacher, self.log = results, tokenizer, teacher, log
         # (setting, arm, lr, seed) -> {"out": folder holding model/, "steps", "tokens", ...}
         self.trainer = trainer or (lambda setting, arm, lr, seed: train_arm(
             cfg, setting, arm, lr, seed, student, caches))
+        # (model folder, split) -> the run's scores on that split (per_prompt, ...)
+        self.scorer = scorer or self.score
 
     def test_caches(self) -> dict[str, str]:
         return {"teacher": self.caches["test-teacher"], "human": self.caches["test-human"]}
+
+    def score(self, model_path: str, split: str) -> dict:
+        """The study's scores of a model on `split` (`score`): validation against the
+        teacher's cache; test against both test caches, with the teacher's log-probs."""
+        model = _load(model_path)
+        if split == "val":
+            return score(model, self.tokenizer, self.cfg, self.evals["val"],
+                         {"teacher": self.caches["val-teacher"]})
+        return score(model, self.tokenizer, self.cfg, self.evals["test"], self.test_caches(),
+                     self.teacher())
 
     def run(self, setting: str, arm: str, lr: float, seed: int, split: str) -> dict:
         """Train (if needed) and score one run on `split` ("val" or "test")."""
@@ -389,20 +402,35 @@ class Stage:
             run = {**run, **self.trainer(setting, arm, lr, seed)}
             run["train_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model = _load(os.path.join(run["out"], "model"))
-        if split == "val":
-            run["val"] = score(model, self.tokenizer, self.cfg, self.evals["val"],
-                               {"teacher": self.caches["val-teacher"]})
-        else:
-            run["test"] = score(model, self.tokenizer, self.cfg, self.evals["test"],
-                                self.test_caches(), self.teacher())
+        run[split] = self.scorer(os.path.join(run["out"], "model"), split)
         run[f"{split}_seconds"] = time.perf_counter() - t0
         self.results.put(key, run)
         got = run[split]
+        distance = (f"KL to teacher {got['teacher']['kl_to_teacher']:.4f}" if "teacher" in got
+                    else f"bits/byte {got['bpb']['teacher']['bits_per_byte']:.4f}")
         self.log(f"  {key}: {split} ROUGE-L to teacher "
-                 f"{np.mean(got['per_prompt']['rouge_teacher']):.4f}, KL to teacher "
-                 f"{got['teacher']['kl_to_teacher']:.4f} ({run['steps']} steps)")
+                 f"{np.mean(got['per_prompt']['rouge_teacher']):.4f}, {distance} "
+                 f"({run['steps']} steps)")
         return run
+
+
+def grid_then_seeds(st: Stage, arms: list[str]) -> None:
+    """For `arms` of a recipe's registered comparison: each arm's lr chosen on validation
+    (seed 0, the primary metric, ties to the earlier lr) over the same grid, then every seed
+    at that lr on test, seed by seed (a stopped run still has whole paired seeds)."""
+    cfg, doc = st.cfg, st.results.doc
+    doc["lrs_searched"] = list(cfg.lrs)
+    for arm in arms:
+        if arm in doc.get("best_lr", {}):
+            continue
+        vals = [np.mean(st.run("teacher", arm, lr, cfg.seeds[0], "val")["val"]["per_prompt"]
+                        [PRIMARY]) for lr in cfg.lrs]
+        doc.setdefault("best_lr", {})[arm] = cfg.lrs[int(np.argmax(vals))]
+        st.results.save()
+        st.log(f"  {arm}: lr {doc['best_lr'][arm]:g} chosen on validation")
+    for seed in cfg.seeds:
+        for arm in arms:
+            st.run("teacher", arm, doc["best_lr"][arm], seed, "test")
 
 
 def baselines(st: Stage) -> None:
