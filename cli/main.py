@@ -371,8 +371,7 @@ def train_student_cmd(**kw) -> None:
     )
     kw["progress"] = not kw.pop("no_progress")
     kw["tensorboard"] = not kw.pop("no_tensorboard")
-    # (the cross-tokenizer losses read [N, V] rows: no fused head for them yet)
-    kw["fused_head"] = not kw.pop("no_fused_head") and not loss.cross_tokenizer
+    kw["fused_head"] = not kw.pop("no_fused_head")
     summary = train(TrainConfig(loss=loss, loader=loader, **kw),
                     log=lambda m: click.echo(m, err=True))
     click.echo(f"trained {summary['steps']} steps on {summary['tokens_seen']} supervised tokens "
@@ -514,20 +513,29 @@ def study_cmd(demo: bool, smoke: bool, **values) -> None:
               help="A minute-sized run of every stage (works in <workdir>-quick).")
 @click.option("--report", "report", default=None, metavar="RESULTS",
               help="Only print the report of a results file.")
+@click.option("--docs", is_flag=True, default=False,
+              help="With --report: also write it into its generated block of the docs.")
 @config_flags(OnPolicyStudyConfig)
 @user_errors
-def on_policy_study_cmd(smoke: bool, report: str | None, **values) -> None:
+def on_policy_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -> None:
     """On-policy rounds vs off-policy KD: the registered comparison of docs/on-policy.md
     (resumes from its results file)."""
     from atkd_cache.recipes.on_policy_study import (
+        DOCS_BLOCK,
         format_report,
         load_results,
         run_on_policy_study,
     )
     from atkd_cache.recipes.study import quiet_transformers
+    from atkd_cache.recipes.study_report import write_block
 
+    if docs and not report:
+        raise UserError("--docs writes the report of a results file: give --report RESULTS")
     if report:
-        click.echo(format_report(load_results(report)))
+        text = format_report(load_results(report))
+        if docs:
+            write_block(*DOCS_BLOCK, text)
+        click.echo(text)
         return
     quiet_transformers()
     run_on_policy_study(on_policy_study_config(smoke, **values), log=click.echo)
@@ -538,20 +546,29 @@ def on_policy_study_cmd(smoke: bool, report: str | None, **values) -> None:
               help="A minute-sized run of every stage (works in <workdir>-quick).")
 @click.option("--report", "report", default=None, metavar="RESULTS",
               help="Only print the report of a results file.")
+@click.option("--docs", is_flag=True, default=False,
+              help="With --report: also write it into its generated block of the docs.")
 @config_flags(CrossTokStudyConfig)
 @user_errors
-def crosstok_study_cmd(smoke: bool, report: str | None, **values) -> None:
+def crosstok_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -> None:
     """A student with another tokenizer: CE vs ALM, ULD, GOLD from one teacher cache (the
     registered design of docs/training.md; resumes from its results file)."""
     from atkd_cache.recipes.crosstok_study import (
+        DOCS_BLOCK,
         format_report,
         load_results,
         run_crosstok_study,
     )
     from atkd_cache.recipes.study import quiet_transformers
+    from atkd_cache.recipes.study_report import write_block
 
+    if docs and not report:
+        raise UserError("--docs writes the report of a results file: give --report RESULTS")
     if report:
-        click.echo(format_report(load_results(report)))
+        text = format_report(load_results(report))
+        if docs:
+            write_block(*DOCS_BLOCK, text)
+        click.echo(text)
         return
     quiet_transformers()
     run_crosstok_study(crosstok_study_config(smoke, **values), log=click.echo)

@@ -219,3 +219,47 @@ def test_gold_with_every_id_matched_is_the_single_tokenizer_kd():
         want = row_terms(logits, teacher, LossConfig(loss="kd", base=base))[base]
         got = gold_terms(torch.log_softmax(logits, -1), lp, valid, ids, base, beta=0.5)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,ce_weight,softcap", [
+    ("alm", 0.0, None), ("alm", 0.5, 3.0), ("uld", 0.0, None), ("gold", 0.3, 3.0),
+    ("ce", 0.0, None)])
+def test_the_fused_head_equals_the_loss_over_full_rows(mode, ce_weight, softcap):
+    """fused_crosstok_loss (no [N, V] logits, chunks of 3 rows so that chunks and row
+    blocks cross) gives crosstok_loss's value, parts and gradients for hidden, weight and
+    bias, in float64."""
+    from atkd_cache.losses.crosstok import ChunkTeacher, crosstok_loss
+    from atkd_cache.losses.fused import fused_crosstok_loss, head_logits
+    from atkd_cache.losses.kd import LossConfig
+
+    g = torch.Generator().manual_seed(7)
+    n, hdim, vocab, n_chunks = 11, 5, 23, 5
+    _, lp, valid, sids = _chunk_case(3, vocab=vocab, n=n_chunks)
+    chunk_of_row = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 4])
+    first_row = torch.tensor([0, 2, 5, 6, 10])
+    teacher = ChunkTeacher(
+        target_ids=torch.randint(vocab, (n,), generator=g), chunk_of_row=chunk_of_row,
+        teacher_ll=-torch.rand(n_chunks, generator=g, dtype=torch.float64) * 3,
+        first_row=first_row, support_logprobs=lp, support_valid=valid,
+        support_student_ids=sids)
+    cfg = LossConfig(cross_tokenizer=mode, ce_weight=ce_weight, chunk_temperature=0.7)
+
+    def inputs():
+        g2 = torch.Generator().manual_seed(1)
+        return [torch.randn(*shape, generator=g2, dtype=torch.float64, requires_grad=True)
+                for shape in ((n, hdim), (vocab, hdim), (vocab,))]
+
+    h, w, b = inputs()
+    want = crosstok_loss(head_logits(h, w, b, softcap), teacher, cfg)
+    want_grads = torch.autograd.grad(want.loss, [h, w, b])
+    h2, w2, b2 = inputs()
+    got = fused_crosstok_loss(h2, w2, teacher, cfg, bias=b2, softcap=softcap, chunk_rows=3)
+    got_grads = torch.autograd.grad(got.loss, [h2, w2, b2])
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
+    assert set(got.parts) == set(want.parts)
+    for key in want.parts:
+        torch.testing.assert_close(got.parts[key].double(), want.parts[key].double(),
+                                   rtol=1e-12, atol=1e-12)
+    for a, e in zip(got_grads, want_grads, strict=True):
+        assert float(e.abs().max()) > 1e-4  # every input moves the loss
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

@@ -239,6 +239,30 @@ def test_train_student_with_another_tokenizer(xt, mode, tmp_path):
     assert all(math.isfinite(m[mode]) and m["chunks"] > 0 for m in metrics)
 
 
+@pytest.mark.parametrize("mode", ["alm", "gold"])
+def test_fused_and_unfused_heads_train_to_the_same_weights(xt, mode, tmp_path):
+    """Three steps of `train-student --cross-tokenizer` (2 micro-batches each) through the
+    fused LM head and with --no-fused-head end at the same weights."""
+    from safetensors.torch import load_file
+
+    from cli.main import main
+
+    weights = []
+    for extra in ((), ("--no-fused-head",)):
+        out = tmp_path / f"run{len(weights)}"
+        r = CliRunner().invoke(main, [
+            "train-student", "--cache", xt["chat"], "--student", xt["student"], "-o",
+            str(out), "--cross-tokenizer", mode, "--ce-weight", "0.5", "--max-steps", "3",
+            "--grad-accum", "2", "--batch-tokens", "256", "--lr", "1e-3", "--num-workers",
+            "0", "--no-progress", "--no-tensorboard", "--device", "cpu", *extra])
+        assert r.exit_code == 0, r.output
+        weights.append(load_file(out / "model" / "model.safetensors"))
+    first = load_file(os.path.join(xt["student"], "model.safetensors"))
+    assert max(float((weights[0][k] - first[k]).abs().max()) for k in first) > 1e-4
+    for k in weights[0]:
+        assert float((weights[0][k] - weights[1][k]).abs().max()) <= 1e-5, k
+
+
 def test_refusals_in_one_line(xt, tmp_path):
     """Another tokenizer without the flag names the flag; a normalising student tokenizer
     is refused rather than aligned wrong; a sampled cache cannot give uld its top-k."""

@@ -136,6 +136,28 @@ def test_docs_blocks_are_printed_from_the_results_files():
     assert found >= 3
 
 
+@pytest.mark.parametrize("recipe,results", [("crosstok_study", "crosstok_results.json"),
+                                             ("on_policy_study", "on_policy_results.json")])
+def test_registered_run_blocks_are_printed_from_their_results(recipe, results):
+    """The cross-tokenizer and on-policy reports in the docs equal what the recipe's report
+    code prints from the results file kept in docs/; a run not yet kept there leaves the
+    block saying it is not finished (never a figure)."""
+    import importlib
+
+    from atkd_cache.recipes.study_report import block
+
+    mod = importlib.import_module(f"atkd_cache.recipes.{recipe}")
+    page, tag, name = mod.DOCS_BLOCK
+    body = block((ROOT / page).read_text(), tag, name)
+    assert body is not None, f"{page} lost its {tag}:{name} block"
+    path = ROOT / "docs" / results
+    if path.exists():
+        assert body == mod.format_report(mod.load_results(str(path))), \
+            f"{page}: stale: run `atkd-cache {recipe.replace('_', '-')} --report {path} --docs`"
+    else:
+        assert body.startswith("(not finished") and not re.search(r"\d\.\d", body)
+
+
 def test_the_study_reading_has_no_number_that_code_did_not_print():
     """docs/study.md's "Reading it": every sentence with a number is inside a generated
     block (printed from the results file); the words around the blocks hold no digit."""
@@ -275,3 +297,26 @@ def check_crosstok_study(workdir: Path) -> None:
     text = (workdir / "crosstok-report.md").read_text()
     assert text == format_report(doc) + "\n"
     assert f"on this seed alm − CE is {diff:+.4f}" in text
+    # `--report FILE --docs` writes that report into the docs' block, and nothing else
+    from click.testing import CliRunner
+
+    from atkd_cache.cli.main import main
+    from atkd_cache.recipes.study_report import block
+
+    page = workdir / "docs" / "training.md"
+    before = (ROOT / "docs" / "training.md").read_text()
+    cwd = os.getcwd()
+    try:
+        os.chdir(workdir)  # (the docs page is found from the working folder, the repo's root)
+        r = CliRunner().invoke(main, ["crosstok-study", "--report", cfg.results, "--docs"])
+        assert r.exit_code == 2 and "docs/training.md" in r.output  # no page here yet
+        page.parent.mkdir()
+        page.write_text(before)
+        r = CliRunner().invoke(main, ["crosstok-study", "--report", cfg.results, "--docs"])
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0, r.output
+    after = page.read_text()
+    assert block(after, "crosstok", "report") == format_report(doc)
+    assert re.sub(r"<!-- crosstok:report -->.*<!-- /crosstok:report -->", "", after, flags=re.S) \
+        == re.sub(r"<!-- crosstok:report -->.*<!-- /crosstok:report -->", "", before, flags=re.S)

@@ -23,9 +23,8 @@ from transformers import Trainer
 
 from atkd_cache.errors import UserError
 from atkd_cache.hf.collator import TEACHER_COLUMNS
-from atkd_cache.losses.crosstok import crosstok_loss
 from atkd_cache.losses.kd import LossConfig, is_count
-from atkd_cache.train.student import head_module_logits, loss_at_rows
+from atkd_cache.train.student import loss_at_rows
 from atkd_cache.train.trainer import (
     chunk_teacher,
     destroy_process_group_at_exit,
@@ -109,16 +108,11 @@ class KDLossMixin:
             raise UserError("the batch and the loss disagree about the student's tokenizer: "
                             "give KDCollator(aligner=...) together with LossConfig("
                             "cross_tokenizer=...), or neither (docs/integrations.md)")
-        if cross:  # a student of another tokenizer: chunk losses over [N, V] rows
-            logits = head_module_logits(picked, inner.get_output_embeddings(), softcap)
-            out = crosstok_loss(logits, chunk_teacher(inputs, picked.device),
-                                self.kd_loss_config)
-        else:
-            teacher = sparse_teacher(inputs, picked.device, self.kd_loss_config)
-            out = loss_at_rows(
-                picked, inner.get_output_embeddings(), teacher,
-                self.kd_loss_config, inputs["group_offsets"], softcap, self.fused_head,
-            )
+        teacher = (chunk_teacher(inputs, picked.device) if cross  # another tokenizer
+                   else sparse_teacher(inputs, picked.device, self.kd_loss_config))
+        out = loss_at_rows(picked, inner.get_output_embeddings(), teacher, self.kd_loss_config,
+                           None if cross else inputs["group_offsets"], softcap,
+                           self.fused_head)
         loss = out.loss
         if num_items_in_batch is not None and model.training:
             share = loss_weight(inputs) * self.args.world_size / float(num_items_in_batch)

@@ -140,36 +140,59 @@ class ChunkTeacher:
     support_student_ids: torch.Tensor | None = None  # [C, 1 + k]
 
 
-def crosstok_loss(logits: torch.Tensor, teacher: ChunkTeacher, cfg) -> LossOutput:
-    """The cross-tokenizer loss (cfg.cross_tokenizer: alm | uld | gold | ce) over the student's
-    rows [N, V]: the mean over counted chunks of the mode's term, plus cfg.ce_weight x the
-    student's CE on its own tokens of those chunks (formulas: docs/losses.md section 9)."""
-    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(work)
-    target_lp = z.gather(1, teacher.target_ids[:, None]).squeeze(1) - torch.logsumexp(z, -1)
+def chunk_terms(lq: torch.Tensor, teacher: ChunkTeacher, cfg,
+                chunks: torch.Tensor | None = None) -> torch.Tensor:
+    """The uld or gold term of each chunk (or of the chunk indices `chunks`) from the
+    student's log-probs lq [C, V] at the chunks' first rows."""
+    mode = cfg.cross_tokenizer
+    if teacher.support_logprobs is None:
+        raise ValueError(f"{mode} needs the teacher's top-k at each chunk (a top-k cache)")
+    lp, valid, sids = teacher.support_logprobs, teacher.support_valid, teacher.support_student_ids
+    if chunks is not None:
+        lp, valid, sids = lp[chunks], valid[chunks], sids[chunks]
+    if mode == "uld":
+        return uld_terms(lq, lp, valid)
+    return gold_terms(lq, lp, valid, sids, cfg.base, beta=cfg.beta, skew=cfg.skew)
+
+
+def combine_chunks(target_lp: torch.Tensor, per_chunk: torch.Tensor | None,
+                   teacher: ChunkTeacher, cfg) -> LossOutput:
+    """The loss from what it depends on: each row's log-prob of its own next token [N], and
+    for uld and gold each chunk's term [C] (None for alm and ce): the mean over counted
+    chunks of the mode's term, plus cfg.ce_weight x the CE on the student's tokens."""
     n_chunks = int(teacher.teacher_ll.shape[0])
-    ce = -target_lp.mean() if target_lp.numel() else z.sum() * 0
+    ce = -target_lp.mean() if target_lp.numel() else target_lp.sum() * 0
     mode = cfg.cross_tokenizer
     if n_chunks == 0:
-        term = z.sum() * 0
+        term = target_lp.sum() * 0
     elif mode == "ce":
         term = ce
     elif mode == "alm":
         student_ll = chunk_sums(target_lp, teacher.chunk_of_row, n_chunks)
         term = alm_loss(student_ll, teacher.teacher_ll, cfg.chunk_temperature)
     else:
-        if teacher.support_logprobs is None:
-            raise ValueError(f"{mode} needs the teacher's top-k at each chunk (a top-k cache)")
-        lq = torch.log_softmax(z[teacher.first_row], dim=-1)
-        if mode == "uld":
-            per_chunk = uld_terms(lq, teacher.support_logprobs, teacher.support_valid)
-        else:
-            per_chunk = gold_terms(lq, teacher.support_logprobs, teacher.support_valid,
-                                   teacher.support_student_ids, cfg.base, beta=cfg.beta,
-                                   skew=cfg.skew)
         term = per_chunk.mean()
     loss = term + cfg.ce_weight * ce if cfg.ce_weight and mode != "ce" else term
     parts = {mode: term.detach(), "ce": ce.detach(), "loss": loss.detach(),
              "tokens": torch.tensor(float(target_lp.numel())),
              "chunks": torch.tensor(float(n_chunks))}
     return LossOutput(loss=loss, parts=parts)
+
+
+def needs_rows(cfg) -> bool:
+    """Does the mode read the student's whole distribution at each chunk's first row?"""
+    return cfg.cross_tokenizer in ("uld", "gold")
+
+
+def crosstok_loss(logits: torch.Tensor, teacher: ChunkTeacher, cfg) -> LossOutput:
+    """The cross-tokenizer loss (cfg.cross_tokenizer: alm | uld | gold | ce) over the student's
+    rows [N, V]: the mean over counted chunks of the mode's term, plus cfg.ce_weight x the
+    student's CE on its own tokens of those chunks (formulas: docs/losses.md section 9).
+    losses/fused.py computes the same without the [N, V] logits."""
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(work)
+    target_lp = z.gather(1, teacher.target_ids[:, None]).squeeze(1) - torch.logsumexp(z, -1)
+    per_chunk = None
+    if needs_rows(cfg) and teacher.teacher_ll.numel():
+        per_chunk = chunk_terms(torch.log_softmax(z[teacher.first_row], dim=-1), teacher, cfg)
+    return combine_chunks(target_lp, per_chunk, teacher, cfg)

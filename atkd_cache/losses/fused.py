@@ -16,6 +16,11 @@ of W, which its .grad needs anyway; scaled in place in backward, never copied), 
 [N, V] logits, their float32 copy and their gradient. As in Liger-Kernel's fused-linear
 losses, the gradients are computed during the forward pass and only scaled in backward (the
 loss is a scalar).
+
+The cross-tokenizer losses (losses/crosstok.py) go through the same pass: they depend on
+the student only through each row's log-prob of its own next token and each chunk's term at
+its first row, so their derivatives there are taken first and the pass back-propagates the
+loss's linearisation (fused_crosstok_loss).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 
 import torch
 
+from atkd_cache.losses.crosstok import ChunkTeacher, chunk_terms, combine_chunks, needs_rows
 from atkd_cache.losses.kd import (
     LossConfig,
     LossOutput,
@@ -59,20 +65,21 @@ def head_logits(
     return torch.tanh(z / softcap) * softcap if softcap else z
 
 
-class _FusedHeadLoss(torch.autograd.Function):
+class _FusedHead(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V] | None) -> (loss, per-row terms [N, T]).
 
-    Non-tensor arguments: the teacher, the loss config, per-term row weights, term names,
-    soft-cap and chunk rows. The second output is detached (for the logged parts)."""
+    Non-tensor arguments: `objective(logits [n, V], lo, hi) -> (loss of rows lo..hi, their
+    terms [n, T])` (a loss that is a sum over rows of terms of each row's logits alone), T,
+    the soft-cap and the chunk rows. The second output is detached (for the logged parts)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, cfg, weights, names, softcap, rows):
+    def forward(ctx, hidden, weight, bias, objective, n_terms, softcap, rows):
         n = hidden.shape[0]
         grad_h = torch.zeros_like(hidden)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
-        terms = torch.zeros(n, len(names), dtype=acc, device=hidden.device)
+        terms = torch.zeros(n, n_terms, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=terms.dtype, device=hidden.device)
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
@@ -82,8 +89,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                                                None if bias is None else bias.detach())
                 z = z.detach().requires_grad_()
                 capped = torch.tanh(z / softcap) * softcap if softcap else z
-                chunk = row_terms(capped, _rows_of(teacher, lo, hi), cfg)
-                total = sum((weights[k][lo:hi] * chunk[k]).sum() for k in weights)
+                total, chunk = objective(capped, lo, hi)
                 (g,) = torch.autograd.grad(total, z)
             g = g.to(grad_w.dtype)
             grad_h[lo:hi] = (g @ weight.to(g.dtype)).to(hidden.dtype)
@@ -91,8 +97,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += g.sum(0)
             loss += total.detach().to(loss.dtype)
-            for j, name in enumerate(names):
-                terms[lo:hi, j] = chunk[name].detach()
+            terms[lo:hi] = chunk.detach()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))
         ctx.used = False
@@ -110,7 +115,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         for grad in (grad_h, grad_w, grad_b):
             if grad is not None:
                 grad.mul_(grad_loss.to(grad.dtype))
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 @torch.no_grad()
@@ -150,9 +155,75 @@ def fused_kd_loss(
     weights = term_weights(groups, cfg)
     names = {"ce": ["ce"], "kd": ["ce", cfg.base], "atkd": ["ce", "tkd", "dkd"],
              "rkl-tokens": ["ce"]}[cfg.loss]
-    loss, terms = _FusedHeadLoss.apply(hidden, weight, bias, teacher, cfg, weights, names,
-                                       softcap, rows)
+
+    def objective(logits, lo, hi):
+        chunk = row_terms(logits, _rows_of(teacher, lo, hi), cfg)
+        total = sum((weights[k][lo:hi] * chunk[k]).sum() for k in weights)
+        return total, torch.stack([chunk[k] for k in names], 1)
+
+    loss, terms = _FusedHead.apply(hidden, weight, bias, objective, len(names), softcap, rows)
     out = combine({k: terms[:, j] for j, k in enumerate(names)}, groups, cfg)
     # the value from the group means (as kd_loss reports it), the gradient from the fused pass
     out.loss = loss + (out.loss - loss).detach()
+    return out
+
+
+def fused_crosstok_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher: ChunkTeacher,
+    cfg: LossConfig,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> LossOutput:
+    """`crosstok_loss(head_logits(hidden, weight, bias, softcap), teacher, cfg)` without the
+    [N, V] logits: same value and parts, same gradients.
+
+    The loss is a function of each row's log-prob of its own next token and (uld, gold) of
+    each chunk's term at its first row (crosstok.combine_chunks). Its derivatives with
+    respect to those are taken first, at their values (ALM's are not constant: one pass over
+    the rows for the target log-probs, no graph); the fused pass then back-propagates the
+    linear loss sum_rows a_row log q(y_row) + sum_chunks b_c term_c, whose gradient is the
+    loss's own."""
+    n, v = hidden.shape[0], weight.shape[0]
+    work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
+    n_chunks = int(teacher.teacher_ll.shape[0])
+    by_rows = needs_rows(cfg) and n_chunks > 0
+    if by_rows and teacher.support_logprobs is None:
+        raise ValueError(f"{cfg.cross_tokenizer} needs the teacher's top-k at each chunk (a "
+                         f"top-k cache)")
+    # Only ALM's weights depend on the values; the others are linear in both inputs.
+    if cfg.cross_tokenizer == "alm":
+        lq = target_logprobs(hidden, weight, bias, softcap, teacher.target_ids, rows).to(work)
+    else:
+        lq = torch.zeros(n, dtype=work, device=hidden.device)
+    lq = lq.requires_grad_()
+    chunk_term = torch.zeros(n_chunks, dtype=work, device=hidden.device, requires_grad=True)
+    with torch.enable_grad():
+        first = combine_chunks(lq, chunk_term if by_rows else None, teacher, cfg)
+        a, b = torch.autograd.grad(first.loss, [lq, chunk_term], allow_unused=True)
+    a = torch.zeros_like(lq) if a is None else a.detach()
+    b = torch.zeros_like(chunk_term) if b is None else b.detach()
+
+    def objective(logits, lo, hi):
+        z = logits.to(work)
+        lse = torch.logsumexp(z, dim=-1)
+        target = z.gather(1, teacher.target_ids[lo:hi, None])[:, 0] - lse
+        total = (a[lo:hi] * target).sum()
+        term = torch.zeros_like(target)
+        if by_rows:
+            here = ((teacher.first_row >= lo) & (teacher.first_row < hi)).nonzero()[:, 0]
+            if here.numel():
+                at = teacher.first_row[here] - lo
+                t = chunk_terms(z[at] - lse[at, None], teacher, cfg, chunks=here)
+                total = total + (b[here] * t).sum()
+                term = term.index_put((at,), t)
+        return total, torch.stack([target, term], 1)
+
+    total, terms = _FusedHead.apply(hidden, weight, bias, objective, 2, softcap, rows)
+    out = combine_chunks(terms[:, 0].to(work), terms[teacher.first_row, 1].to(work)
+                         if by_rows else None, teacher, cfg)
+    out.loss = total + (out.loss - total).detach()
     return out

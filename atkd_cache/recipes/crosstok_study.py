@@ -50,6 +50,7 @@ from atkd_cache.train.student import init_student
 from atkd_cache.train.trainer import TrainConfig, train
 
 DESIGN = "crosstok-1"
+DOCS_BLOCK = ("docs/training.md", "crosstok", "report")  # `--report FILE --docs` fills it
 PRIMARY = "rouge_teacher"
 PROMPT_METRICS = {"rouge_teacher": "ROUGE-L vs teacher", "rouge_human": "ROUGE-L vs human",
                   "stopped": "stop rate", "distinct_3": "distinct 3-grams",

@@ -685,12 +685,32 @@ def blocks(results: str, results_v1: str | None = None,
     return out
 
 
-def fill(text: str, generated: dict[str, str]) -> str:
-    """Replace each `<!-- study:NAME -->...<!-- /study:NAME -->` block of text."""
+def fill(text: str, generated: dict[str, str], tag: str = "study") -> str:
+    """Replace each `<!-- TAG:NAME -->...<!-- /TAG:NAME -->` block of text."""
     for name, body in generated.items():
-        text = re.sub(rf"(<!-- study:{name} -->\n)(?:.*?\n)?(<!-- /study:{name} -->)",
+        text = re.sub(rf"(<!-- {tag}:{name} -->\n)(?:.*?\n)?(<!-- /{tag}:{name} -->)",
                       lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text, flags=re.S)
     return text
+
+
+def block(text: str, tag: str, name: str) -> str | None:
+    """The body of text's `<!-- TAG:NAME -->` block (None when it has none)."""
+    m = re.search(rf"<!-- {tag}:{name} -->\n(.*?)\n<!-- /{tag}:{name} -->", text, re.S)
+    return m.group(1) if m else None
+
+
+def write_block(page: str, tag: str, name: str, body: str) -> None:
+    """Rewrite one generated block of a docs page in place (it must exist)."""
+    try:
+        with open(page) as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"{page}: cannot read it ({first_line(e)}): run from the repository's "
+                        f"root") from None
+    if block(text, tag, name) is None:
+        raise UserError(f"{page} has no <!-- {tag}:{name} --> block to fill")
+    with open(page, "w") as f:
+        f.write(fill(text, {name: body}, tag))
 
 
 def write_docs(results: str, v1: str, demo: str, docs: str = "docs",

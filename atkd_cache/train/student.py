@@ -13,7 +13,8 @@ from torch import nn
 from atkd_cache.cache.schema import CacheCard
 from atkd_cache.errors import UserError
 from atkd_cache.fingerprint import tokenizer_fingerprint
-from atkd_cache.losses.fused import fused_kd_loss, head_logits
+from atkd_cache.losses.crosstok import ChunkTeacher, crosstok_loss
+from atkd_cache.losses.fused import fused_crosstok_loss, fused_kd_loss, head_logits
 from atkd_cache.losses.kd import LossConfig, LossOutput, SparseTeacher, kd_loss
 from atkd_cache.models import load_causal_lm, load_tokenizer
 from atkd_cache.paths import check_output_folder
@@ -227,20 +228,28 @@ class RowLogits(nn.Module):
 def loss_at_rows(
     hidden: torch.Tensor,
     head: nn.Module,
-    teacher: SparseTeacher,
+    teacher: SparseTeacher | ChunkTeacher,
     loss_cfg: LossConfig,
     group_offsets: torch.Tensor | None = None,
     softcap: float | None = None,
     fused: bool = True,
 ) -> LossOutput:
-    """The KD loss of the student's final hidden states [N, H] at the supervised rows, through
-    its LM head: fused with the loss (losses/fused.py, no [N, V] logits) when the head is a
-    plain linear layer, else (a PEFT-wrapped head, `fused=False`) logits then `kd_loss`."""
+    """The loss of the student's final hidden states [N, H] at the supervised rows, through
+    its LM head: KD over the cache's rows (a SparseTeacher), or for a student of another
+    tokenizer the chunk losses (a ChunkTeacher). Fused with the loss (losses/fused.py, no
+    [N, V] logits) when the head is a plain linear layer, else (a PEFT-wrapped head,
+    `fused=False`) logits then the loss."""
+    cross = isinstance(teacher, ChunkTeacher)
     if fused and isinstance(head, nn.Linear):
+        if cross:
+            return fused_crosstok_loss(hidden, head.weight, teacher, loss_cfg, bias=head.bias,
+                                       softcap=softcap)
         return fused_kd_loss(hidden, head.weight, teacher, loss_cfg, bias=head.bias,
                              group_offsets=group_offsets, softcap=softcap)
-    return kd_loss(head_module_logits(hidden, head, softcap), teacher, loss_cfg,
-                   group_offsets=group_offsets)
+    logits = head_module_logits(hidden, head, softcap)
+    if cross:
+        return crosstok_loss(logits, teacher, loss_cfg)
+    return kd_loss(logits, teacher, loss_cfg, group_offsets=group_offsets)
 
 
 def head_module_logits(hidden: torch.Tensor, head: nn.Module, softcap: float | None = None

@@ -113,9 +113,6 @@ class TrainConfig:
         if self.loss.cross_tokenizer:
             if len(cache_paths(self.cache)) > 1:
                 raise UserError("--cross-tokenizer trains on one cache: give one --cache")
-            if self.fused_head:  # (the CLI turns it off; a library caller is told)
-                raise UserError("--cross-tokenizer does not run through the fused LM head yet: "
-                                "pass --no-fused-head")
 
     def to_json(self) -> dict:
         """The config as JSON (run.json, checkpoints)."""
@@ -319,14 +316,11 @@ def accumulate_gradients(
         elif d.world > 1 and not last:
             sync = net.no_sync()
         with sync:
-            if "chunk.teacher_ll" in b:  # a student of another tokenizer: chunk losses
-                with autocast or contextlib.nullcontext():
-                    logits = forward_rows(net, b, d.device)
-                out = crosstok_loss(logits, chunk_teacher(b, d.device), loss_cfg)
-                loss, parts = out.loss, out.parts
-            elif fused:  # LM head + loss in one pass: no [N, V] logits
-                teacher = sparse_teacher(b, d.device, loss_cfg)
-                offsets = b["group_offsets"].to(d.device)
+            cross = "chunk.teacher_ll" in b  # a student of another tokenizer: chunk losses
+            teacher = (chunk_teacher(b, d.device) if cross
+                       else sparse_teacher(b, d.device, loss_cfg))
+            offsets = None if cross else b["group_offsets"].to(d.device)
+            if fused:  # LM head + loss in one pass: no [N, V] logits
                 with autocast or contextlib.nullcontext():
                     out = forward_rows(net, b, d.device, teacher=teacher, loss_cfg=loss_cfg,
                                        group_offsets=offsets)
@@ -334,8 +328,8 @@ def accumulate_gradients(
             else:
                 with autocast or contextlib.nullcontext():
                     logits = forward_rows(net, b, d.device)
-                out = kd_loss(logits, sparse_teacher(b, d.device, loss_cfg), loss_cfg,
-                              group_offsets=b["group_offsets"].to(d.device))
+                out = (crosstok_loss(logits, teacher, loss_cfg) if cross
+                       else kd_loss(logits, teacher, loss_cfg, group_offsets=offsets))
                 loss, parts = out.loss, out.parts
             (loss * (n * d.world / n_total)).backward()
         for key, value in parts.items():
