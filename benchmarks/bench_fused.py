@@ -3,6 +3,10 @@
     atkd          our unfused ATKD: LM head -> [N, V] logits -> kd_loss (streams a buffer)
     atkd-fused    the fused LM head + ATKD (losses/fused.py): no [N, V] logits
     kd-fused      the fused LM head + bucketed forward KL
+    xt-alm, xt-gold              a student of another tokenizer (losses/crosstok.py): the
+                                 chunk losses over the [N, V] logits ...
+    xt-alm-fused, xt-gold-fused  ... and through the fused head (fused_crosstok_loss);
+                                 a chunk every ~1.4 rows, GOLD's support 20 % unmatched
     liger-jsd     Liger-Kernel's LigerFusedLinearJSD (an online teacher's hidden states and
                   head), if it runs here: on these CPUs it does not (Triton has no CPU
                   driver: "0 active drivers"), and it is skipped with that line
@@ -36,6 +40,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 VARIANTS = ("ce", "atkd", "atkd-fused", "kd-fused", "liger-jsd")
+CROSSTOK = ("xt-alm", "xt-alm-fused", "xt-gold", "xt-gold-fused")  # (--variants to run them)
 K = 32
 
 
@@ -67,11 +72,36 @@ def inputs(v: int, h: int, n: int):
     return hidden, weight, teacher
 
 
+def chunk_inputs(teacher, v: int):
+    """A cross-tokenizer batch over the same rows: chunks of 1-2 student rows (a new chunk
+    at ~70 % of rows), the teacher's support (target + top-k) at each chunk's first row
+    mapped to student ids, 20 % of them to none."""
+    from atkd_cache.losses.bucket import support_columns
+    from atkd_cache.losses.crosstok import ChunkTeacher
+
+    g = torch.Generator().manual_seed(1)
+    n = teacher.target_ids.shape[0]
+    starts = torch.rand(n, generator=g) < 0.7
+    starts[0] = True
+    chunk_of_row = starts.long().cumsum(0) - 1
+    first_row = starts.nonzero()[:, 0]
+    ids, valid = support_columns(teacher.topk_ids[first_row], teacher.target_ids[first_row])
+    lp = torch.cat([teacher.target_logprob[first_row, None],
+                    teacher.topk_logprobs[first_row].float()], 1)
+    sids = torch.randint(0, v, ids.shape, generator=g)
+    sids[torch.rand(ids.shape, generator=g) < 0.2] = -1
+    c = first_row.numel()
+    return ChunkTeacher(target_ids=teacher.target_ids, chunk_of_row=chunk_of_row,
+                        teacher_ll=-torch.rand(c, generator=g) * 2, first_row=first_row,
+                        support_logprobs=lp, support_valid=valid, support_student_ids=sids)
+
+
 def run_one(variant: str, v: int, h: int, n: int) -> dict:
     from atkd_cache.losses import LossConfig, kd_loss
     from atkd_cache.losses.fused import fused_kd_loss
 
     hidden, weight, teacher = inputs(v, h, n)
+    chunks = chunk_inputs(teacher, v) if variant.startswith("xt-") else None
     if variant == "liger-jsd":  # an online teacher's hidden states and head, as Liger takes
         from liger_kernel.transformers import LigerFusedLinearJSD
 
@@ -86,6 +116,15 @@ def run_one(variant: str, v: int, h: int, n: int) -> dict:
     elif variant in ("atkd-fused", "kd-fused"):
         cfg = LossConfig(loss=variant.removesuffix("-fused"))
         loss = fused_kd_loss(hidden, weight, teacher, cfg).loss
+    elif variant.startswith("xt-"):
+        from atkd_cache.losses.crosstok import crosstok_loss
+        from atkd_cache.losses.fused import fused_crosstok_loss
+
+        cfg = LossConfig(cross_tokenizer=variant.split("-")[1])
+        if variant.endswith("-fused"):
+            loss = fused_crosstok_loss(hidden, weight, chunks, cfg).loss
+        else:
+            loss = crosstok_loss(hidden @ weight.T, chunks, cfg).loss
     elif variant == "liger-jsd":
         loss = LigerFusedLinearJSD()(hidden, weight, teacher_h, teacher_w, None)
     else:
@@ -187,6 +226,8 @@ def main() -> None:
                     help="Skip unfused variants whose [N, V] tensors would not fit.")
     ap.add_argument("--out", default="runs/bench/fused.json")
     ap.add_argument("--repeats", type=int, default=3, help="Fresh processes per cell.")
+    ap.add_argument("--report", action="store_true",
+                    help="Only print the tables of --out (measures nothing).")
     ap.add_argument("--one", nargs=4, metavar=("VARIANT", "V", "H", "N"))
     ap.add_argument("--step", action="store_true",
                     help="Whole train-student steps: the largest micro-batch that fits, "
@@ -208,8 +249,10 @@ def main() -> None:
         return
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     done = json.load(open(args.out)) if os.path.exists(args.out) else []
+    if args.report:
+        args.n = ""  # nothing to measure
     seen = {(r["variant"], r["V"], r["H"], r["N"]) for r in done}
-    for n in map(int, args.n.split(",")):
+    for n in (int(x) for x in args.n.split(",") if x):
         for h in map(int, args.h.split(",")):
             for v in map(int, args.v.split(",")):
                 for variant in args.variants.split(","):
@@ -225,6 +268,8 @@ def main() -> None:
                         json.dump(done, f, indent=1)
                     print(row, flush=True)
     table(done)
+    if any(r["variant"].startswith("xt-") for r in done):
+        print("\n" + crosstok_markdown(done))
 
 
 def measure(variant: str, v: int, h: int, n: int, repeats: int) -> dict:
@@ -240,6 +285,39 @@ def measure(variant: str, v: int, h: int, n: int, repeats: int) -> dict:
     mid = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
     return {**mid, "extra_mb": statistics.median(x["extra_mb"] for x in runs),
             "seconds_all": [x["seconds"] for x in runs], "repeats": repeats}
+
+
+def crosstok_markdown(rows: list[dict]) -> str:
+    """docs/benchmarks.md's cross-tokenizer table: each chunk loss fused against itself over
+    full logits and against cross-entropy (time, extra memory)."""
+    by = {(r["V"], r["H"], r["N"], r["variant"]): r for r in rows if "skipped" not in r}
+    out = ["| V | H | N | loss | head | s | × unfused | × CE | extra MB | × unfused | × CE |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (v, h, n, name), r in sorted(by.items()):
+        if not name.startswith("xt-"):
+            continue
+        ce, plain = by.get((v, h, n, "ce")), by[(v, h, n, name.removesuffix("-fused"))]
+        fused = name.endswith("-fused")
+
+        def ratio(key, ref, r=r):
+            return f"{r[key] / ref[key]:.2f}" if ref else "–"
+
+        out.append(f"| {v:,} | {h:,} | {n:,} | {name.split('-')[1]} | "
+                   f"{'fused' if fused else 'logits'} | {r['seconds']:.1f} | "
+                   f"{ratio('seconds', plain)} | {ratio('seconds', ce)} | "
+                   f"{r['extra_mb']:,.0f} | {ratio('extra_mb', plain)} | "
+                   f"{ratio('extra_mb', ce)} |")
+    said = []
+    for (v, h, n, name), r in sorted(by.items()):
+        plain = by.get((v, h, n, name.removesuffix("-fused")))
+        if name.startswith("xt-") and name.endswith("-fused") and plain:
+            said.append(f"{name.split('-')[1]} at V = {v:,}, H = {h:,}, N = {n:,}: extra memory "
+                        f"{plain['extra_mb']:,.0f} → {r['extra_mb']:,.0f} MB "
+                        f"({r['extra_mb'] / plain['extra_mb']:.2f}×), time "
+                        f"{r['seconds'] / plain['seconds']:.2f}×")
+    if said:
+        out += ["", "Fused against the same loss over full logits: " + "; ".join(said) + "."]
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> None:
