@@ -602,6 +602,9 @@ def crosstok_study_cmd(smoke: bool, report: str | None, docs: bool, **values) ->
 @click.option("--top-k", type=int, default=32, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="fp32",
               show_default=True, help="Teacher weights (hf, vllm).")
+@click.option("--shard-positions", type=int, default=262_144, show_default=True,
+              help="Supervised positions per shard of a round's caches (under torchrun "
+                   "each rank trains on its own shards).")
 @click.option("--loss", type=click.Choice(LOSSES), default="kd", show_default=True,
               help="kd: forward KL over the teacher's top-k at the student's states; "
                    "rkl-tokens: the per-token reverse-KL estimator (docs/losses.md section 8).")

@@ -97,11 +97,18 @@ def test_rounds_score_the_students_exact_replies(setup, tmp_path):
         stamp[out / "round-002" / "teacher" / "zarr.json"]
 
 
-def test_kill_9_anywhere_then_rerun_equals_the_uninterrupted_run(setup, tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def full_run(setup):
+    """The uninterrupted 2-round run, one process (the reference of the next two tests)."""
+    full = setup["root"] / "full"
     r = subprocess.run(CLI + args(setup, full), env=ENV, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    return full
+
+
+def test_kill_9_anywhere_then_rerun_equals_the_uninterrupted_run(setup, full_run, tmp_path):
+    full = full_run
     killed = tmp_path / "killed"
     # kill during round 1's training (after a checkpoint), then during round 2's rollouts,
     # then during round 2's scoring
@@ -123,6 +130,58 @@ def test_kill_9_anywhere_then_rerun_equals_the_uninterrupted_run(setup, tmp_path
     for rnd in ("round-001", "round-002"):
         assert open_cache(killed / rnd / "teacher").card.fingerprint == \
             open_cache(full / rnd / "teacher").card.fingerprint
+
+
+def test_torchrun_two_ranks_each_write_their_slice_and_train_data_parallel(setup, full_run,
+                                                                           tmp_path):
+    """The loop under torchrun (2 CPU ranks): round 1's rollouts and teacher cache equal the
+    one-process run's (each rank wrote its slice, merged into one cache), every round trains
+    data-parallel with the ranks agreeing, each round's rollouts come from the previous
+    round's 2-rank model, and rank 0 alone wrote the results."""
+    out = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "atkd_cache.cli.main",
+                        *args(setup, out, "--shard-positions", "8")], env=ENV,
+                       capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("rollouts", "teacher"):
+        one, two = (open_cache(run / "round-001" / name) for run in (full_run, out))
+        assert len(one) == len(two) == 8
+        for a, b in zip(one, two, strict=True):  # the same tokens; float32 batch-shape noise
+            for field in ("input_ids", "supervised"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), field)
+            for field in ("target_logprob", "topk_logprobs"):
+                np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-4,
+                                           err_msg=field)
+    assert len(open_cache(out / "round-001" / "teacher").shard_rows) >= 2  # one per rank
+    results = json.loads((out / "results.json").read_text())
+    policy = setup["student"]
+    for rnd in (1, 2):
+        train = out / f"round-{rnd:03d}" / "train"
+        summary = json.loads((train / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["ranks_agree"]
+        assert results["rounds"][str(rnd)]["policy_weights_hash"] == weights_hash(policy)
+        assert results["rounds"][str(rnd)]["replies"] == 8
+        assert not (train / "checkpoints").exists()
+        policy = str(train / "model")
+    # rounds too small for a shard per rank are refused before anything is written
+    bad = tmp_path / "bad"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "atkd_cache.cli.main",
+                        *args(setup, bad)], env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and "fewer than 2 shards of --shard-positions" in r.stderr
+    ours = [x for x in r.stderr.splitlines() if x.startswith("error:")]  # (torchrun's own
+    assert len(ours) == 2 and not bad.exists()  # launcher adds its traceback after them)
+    # a re-run under torchrun finds every stage done
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "atkd_cache.cli.main",
+                        *args(setup, out, "--shard-positions", "8")], env=ENV,
+                       capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["rounds"] == results["rounds"]
 
 
 def test_bad_input_is_one_line(setup, tmp_path):

@@ -11,6 +11,9 @@ Round r = 1..R, on prompt slice r (rows (r-1)P .. rP-1 of the prompts):
                records the round and the policy's weights hash;
   4. training  `train-student` from student r-1 on that cache (one epoch; checkpoints);
   5. eval      (with eval prompts) greedy replies of student r against the teacher's.
+Under torchrun every rank writes its slice of the rollouts and of the scoring (the
+data-parallel dump), training is data-parallel, and rank 0 alone exports, evaluates and
+writes the results (the others wait at a barrier between stages).
 Every stage skips what it finished and resumes what it started (the caches and the trainer
 resume themselves; files are written whole and renamed), so kill -9 anywhere and re-run the
 same command. With `start_cache`, round 0 first trains the student on an off-policy cache
@@ -47,7 +50,7 @@ from atkd_cache.recipes.files import write_json, write_jsonl_once
 from atkd_cache.responses import export_responses
 from atkd_cache.train import checkpoint
 from atkd_cache.train.loader import LoaderConfig
-from atkd_cache.train.trainer import TrainConfig, train
+from atkd_cache.train.trainer import Dist, TrainConfig, setup_distributed, train
 
 # Settings that do not change what a round computes (a re-run may change them)
 FREE = ("rounds", "progress", "device")
@@ -81,6 +84,7 @@ class OnPolicyConfig:
     teacher_tokenizer: str | None = None  # with backend server: the served model's tokenizer
     top_k: int = 32
     dtype: str = "fp32"
+    shard_positions: int = 262_144  # per shard of a round's caches (>= 1 shard per rank)
     # training (one epoch per round, constant lr across rounds)
     loss: LossConfig = field(default_factory=lambda: LossConfig(loss="kd"))
     lr: float = 1e-4
@@ -101,7 +105,7 @@ class OnPolicyConfig:
         if self.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {self.rounds}")
         for name in ("prompts_per_round", "num_responses", "max_new_tokens", "batch_tokens",
-                     "eval_prompts", "start_epochs"):
+                     "eval_prompts", "start_epochs", "shard_positions"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.messages_field and not self.prompt_field:
@@ -127,7 +131,10 @@ def check_settings(cfg: OnPolicyConfig) -> None:
     if os.path.exists(path):
         with open(path) as f:
             theirs = {k: v for k, v in json.load(f).items() if k not in FREE}
+        defaults = OnPolicyConfig("", "", "", "").to_json()
         for key in sorted(set(mine) | set(theirs)):
+            if key not in theirs and mine[key] == defaults.get(key):
+                continue  # a setting added since that run started, at its default
             if json.dumps(mine.get(key), sort_keys=True) != json.dumps(theirs.get(key),
                                                                        sort_keys=True):
                 raise UserError(f"{cfg.output} was started with {key} = {theirs.get(key)!r}, "
@@ -181,10 +188,14 @@ def _complete(path: str) -> bool:
 
 
 def train_round(cfg: OnPolicyConfig, cache: str, student: str, out: str, epochs: int = 1,
-                loss: LossConfig | None = None) -> str:
-    """Train `student` on `cache` into `out` (resuming); returns the trained model folder."""
+                loss: LossConfig | None = None, d: Dist | None = None) -> str:
+    """Train `student` on `cache` into `out` (resuming; data-parallel under torchrun);
+    returns the trained model folder."""
+    d = d or Dist()
     model = os.path.join(out, "model")
-    if not os.path.exists(os.path.join(out, "summary.json")):
+    done = os.path.exists(os.path.join(out, "summary.json"))
+    d.barrier()  # every rank has looked before any rank's training writes the summary
+    if not done:
         train(TrainConfig(
             cache=cache, student=student, output=out, epochs=epochs, lr=cfg.lr,
             min_lr_ratio=1.0, seed=cfg.seed, resume=checkpoint.resumable(out),
@@ -193,7 +204,9 @@ def train_round(cfg: OnPolicyConfig, cache: str, student: str, out: str, epochs:
             checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, device=cfg.device,
             progress=cfg.progress, tensorboard=False,
         ), log=lambda m: None)
-    checkpoint.drop_checkpoints(out)
+    if d.rank == 0:
+        checkpoint.drop_checkpoints(out)
+    d.barrier()
     return model
 
 
@@ -214,37 +227,51 @@ def check_same_teacher(first: tuple[str, dict], other: tuple[str, dict]) -> None
                             f"the first round's teacher settings")
 
 
-def rollout(cfg: OnPolicyConfig, r: int, student: str, prompts: str, log) -> dict:
-    """Stage 1 and 2: the student's replies as a cache, then as token ids."""
+def rollout(cfg: OnPolicyConfig, r: int, student: str, prompts: str, log,
+            d: Dist | None = None) -> dict:
+    """Stage 1 and 2: the student's replies as a cache (each rank its slice), then as token
+    ids (rank 0)."""
+    d = d or Dist()
     folder = round_dir(cfg, r)
     cache = os.path.join(folder, "rollouts")
-    if not _complete(cache):
+    done = _complete(cache)
+    d.barrier()
+    if not done:
         dump_teacher(DumpConfig(
             model=student, data=_spec(cfg, prompts), output=cache, generate=True,
             num_responses=cfg.num_responses, gen_temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 100_003 + r, top_k=1,
+            shard_positions=cfg.shard_positions,
             dtype="fp32", device=cfg.device, backend=cfg.rollout_backend,
             logprob_dtype="float32", progress=cfg.progress,
             extra={"on_policy": {"round": r, "stage": "rollouts"}},
         ), log=log)
+    d.barrier()  # the last rank to finish has completed the cache
     ids = os.path.join(folder, "rollouts.jsonl")
-    if not os.path.exists(ids):
+    if d.rank == 0 and not os.path.exists(ids):
         export_responses(cache, ids, progress=False)
+    d.barrier()
     return {"cache": cache, "ids": ids}
 
 
-def score(cfg: OnPolicyConfig, r: int, ids: str, policy_hash: str, log) -> str:
-    """Stage 3: the teacher's cache of exactly the replies' ids."""
+def score(cfg: OnPolicyConfig, r: int, ids: str, policy_hash: str, log,
+          d: Dist | None = None) -> str:
+    """Stage 3: the teacher's cache of exactly the replies' ids (each rank its slice)."""
+    d = d or Dist()
     out = os.path.join(round_dir(cfg, r), "teacher")
-    if not _complete(out):
+    done = _complete(out)
+    d.barrier()
+    if not done:
         dump_teacher(DumpConfig(
             model=cfg.teacher, tokenizer=cfg.teacher_tokenizer,
             data=DataSpec(source=ids, token_ids=True), output=out, top_k=cfg.top_k,
+            shard_positions=cfg.shard_positions,
             dtype=cfg.dtype if cfg.backend != "server" else "auto", device=cfg.device,
             backend=cfg.backend, urls=tuple(cfg.urls), logprob_dtype="float32",
             progress=cfg.progress,
             extra={"on_policy": {"round": r, "policy_weights_hash": policy_hash}},
         ), log=log)
+    d.barrier()
     return out
 
 
@@ -291,7 +318,22 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
 
     cfg.check()
     rows = load_prompts(cfg)
-    check_settings(cfg)
+    d = setup_distributed(cfg.device)  # under torchrun: one group for every stage
+    lead = d.rank == 0
+    most = cfg.prompts_per_round * cfg.num_responses * cfg.max_new_tokens
+    if d.world > 1 and -(-most // cfg.shard_positions) < d.world:
+        raise UserError(f"a round's cache holds at most {most} reply tokens, fewer than "
+                        f"{d.world} shards of --shard-positions {cfg.shard_positions}: each "
+                        f"rank trains on its own shards; give --shard-positions "
+                        f"{max(1, most // (2 * d.world))} or less")
+    if not lead:
+        log = lambda m: None  # noqa: E731
+    if lead:
+        check_settings(cfg)
+        write_slices(cfg, rows)
+    d.barrier()
+    if not lead:
+        check_settings(cfg)  # (reads what rank 0 wrote)
     slices = write_slices(cfg, rows)
     results_path = os.path.join(cfg.output, "results.json")
     results = {"rounds": {}}
@@ -299,6 +341,10 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
         with open(results_path) as f:
             results = json.load(f)
     loaded: dict = {}
+
+    def save() -> None:
+        if lead:
+            write_json(results_path, results)
 
     def teacher_model():
         if "m" not in loaded:
@@ -308,9 +354,9 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
 
     tokenizer = load_tokenizer(cfg.student)
     refs = None
-    if cfg.eval_data:
+    if cfg.eval_data and lead:  # (rank 0 evaluates; the others wait at the next barrier)
         refs = eval_refs(cfg, results, tokenizer, teacher_model)
-        write_json(results_path, results)
+        save()
 
     def evaluate_round(key: str, model: str) -> None:
         entry = results["rounds"].setdefault(key, {})
@@ -319,7 +365,7 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
             entry["eval"] = evaluate_student(model, refs, tokenizer, teacher_model,
                                              cfg.max_new_tokens)
             entry.setdefault("seconds", {})["eval"] = time.perf_counter() - t0
-            write_json(results_path, results)
+            save()
 
     # round 0: the student round 1 starts from (after the off-policy warm-up, if any)
     student = cfg.student
@@ -329,7 +375,7 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
         teachers.append((cfg.start_cache, teacher_identity(start.card)))
         log(f"round 0: off-policy warm-up on {cfg.start_cache}")
         student = train_round(cfg, cfg.start_cache, student,
-                              os.path.join(round_dir(cfg, 0), "train"), cfg.start_epochs)
+                              os.path.join(round_dir(cfg, 0), "train"), cfg.start_epochs, d=d)
     results["rounds"].setdefault("0", {})["student"] = student
     evaluate_round("0", student)
     for r in range(1, cfg.rounds + 1):
@@ -337,7 +383,7 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
         seconds = entry.setdefault("seconds", {})
         policy = weights_hash(student)
         t0 = time.perf_counter()
-        done = rollout(cfg, r, student, slices[r - 1], log)
+        done = rollout(cfg, r, student, slices[r - 1], log, d)
         seconds.setdefault("rollout", time.perf_counter() - t0)
         if teachers and not _complete(os.path.join(round_dir(cfg, r), "teacher")):
             # the teacher's weights can be checked before it scores anything
@@ -347,7 +393,7 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
                                 f"{teachers[0][0]} (teacher_weights_hash differs): every "
                                 f"round must use the same teacher")
         t0 = time.perf_counter()
-        cache_path = score(cfg, r, done["ids"], policy, log)
+        cache_path = score(cfg, r, done["ids"], policy, log, d)
         seconds.setdefault("scoring", time.perf_counter() - t0)
         cache = open_cache(cache_path)
         mine = (cache_path, teacher_identity(cache.card))
@@ -355,19 +401,22 @@ def run_on_policy(cfg: OnPolicyConfig, log=print) -> dict:
             check_same_teacher(teachers[0], mine)
         teachers.append(mine)
         t0 = time.perf_counter()
-        student = train_round(cfg, cache_path, student, os.path.join(round_dir(cfg, r), "train"))
+        student = train_round(cfg, cache_path, student, os.path.join(round_dir(cfg, r), "train"),
+                              d=d)
         seconds.setdefault("training", time.perf_counter() - t0)
         rollouts = open_cache(done["cache"])
         entry.update(policy_weights_hash=policy, student=student,
                      teacher_cache_fingerprint=cache.card.identity,
                      rollout_cache_fingerprint=rollouts.card.identity,
                      replies=len(rollouts), teacher_tokens_scored=cache.num_supervised)
-        write_json(results_path, results)
+        save()
         evaluate_round(str(r), student)
         log(f"round {r}: {len(rollouts)} replies, {cache.num_supervised} tokens scored"
             + (f", ROUGE-L to teacher {results['rounds'][str(r)]['eval']['rouge_l_to_teacher']:.4f}"
                if refs is not None else ""))
-    plot_rounds(results, os.path.join(cfg.output, "rounds.png"))
+    if lead:
+        plot_rounds(results, os.path.join(cfg.output, "rounds.png"))
+    d.barrier()
     return results
 
 

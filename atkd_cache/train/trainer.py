@@ -484,11 +484,12 @@ def _steps_in_epoch(dataset: CacheDataset, accum: int) -> int:
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train a student on a cache; returns the run summary (also written to summary.json)."""
     cfg.check()
+    joined = dist.is_available() and dist.is_initialized()  # a recipe's group: it keeps it
     d = setup_distributed(cfg.device)
     try:
         return _train(cfg, d, log if d.rank == 0 else (lambda m: None))
     finally:
-        if d.world > 1 and dist.is_initialized():
+        if d.world > 1 and dist.is_initialized() and not joined:
             dist.destroy_process_group()
 
 
