@@ -41,7 +41,7 @@ from atkd_cache.losses.kd import LossConfig
 from atkd_cache.recipes import study
 from atkd_cache.recipes.stats import Paired, paired_bootstrap, seed_interval, verdict
 from atkd_cache.recipes.study_config import CROSSTOK_ARMS, CrossTokStudyConfig
-from atkd_cache.recipes.study_report import _cell, _interval, _mean_std
+from atkd_cache.recipes.study_report import _cell, _interval, _mean_std, grid_table
 from atkd_cache.train import checkpoint
 from atkd_cache.train.align import Aligner, cache_aligner
 from atkd_cache.train.evaluate import bits_per_byte, decode_replies, reply_scores
@@ -334,6 +334,16 @@ def format_report(doc: dict) -> str:
                   "|---|" + "---|" * len(metrics)]
         for arm, row in s["paired"].items():
             lines.append(f"| {arm} | " + " | ".join(_interval(row[m]) for m in metrics) + " |")
+    if doc.get("best_lr"):
+        lines += ["", "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):", "",
+                  grid_table({**doc, "student": {}})]
+        lrs = cfg["lrs"]
+        edge = [f"{arm} ({lr:g}, the grid's {'smallest' if lr == min(lrs) else 'largest'})"
+                for arm, lr in doc["best_lr"].items() if lr in (min(lrs), max(lrs))]
+        if edge:
+            lines += ["", "Chosen at the grid's edge: " + ", ".join(edge) + ". Their best lr "
+                      "may lie outside the grid; the registration searched these lrs only, "
+                      "the same for every arm."]
     st = doc.get("stages", {})
     if st:
         total = sum(st.values())
