@@ -520,25 +520,15 @@ def study_cmd(demo: bool, smoke: bool, **values) -> None:
 def on_policy_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -> None:
     """On-policy rounds vs off-policy KD: the registered comparison of docs/on-policy.md
     (resumes from its results file)."""
-    from atkd_cache.recipes.on_policy_study import (
-        DOCS_BLOCK,
-        format_report,
-        load_results,
-        run_on_policy_study,
-    )
+    from atkd_cache.recipes import on_policy_study
     from atkd_cache.recipes.study import quiet_transformers
-    from atkd_cache.recipes.study_report import write_block
+    from atkd_cache.recipes.study_report import registered_report
 
-    if docs and not report:
-        raise UserError("--docs writes the report of a results file: give --report RESULTS")
-    if report:
-        text = format_report(load_results(report))
-        if docs:
-            write_block(*DOCS_BLOCK, text)
-        click.echo(text)
+    if report or docs:
+        click.echo(registered_report(on_policy_study, report, docs))
         return
     quiet_transformers()
-    run_on_policy_study(on_policy_study_config(smoke, **values), log=click.echo)
+    on_policy_study.run_on_policy_study(on_policy_study_config(smoke, **values), log=click.echo)
 
 
 @main.command("crosstok-study")
@@ -553,25 +543,15 @@ def on_policy_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -
 def crosstok_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -> None:
     """A student with another tokenizer: CE vs ALM, ULD, GOLD from one teacher cache (the
     registered design of docs/training.md; resumes from its results file)."""
-    from atkd_cache.recipes.crosstok_study import (
-        DOCS_BLOCK,
-        format_report,
-        load_results,
-        run_crosstok_study,
-    )
+    from atkd_cache.recipes import crosstok_study
     from atkd_cache.recipes.study import quiet_transformers
-    from atkd_cache.recipes.study_report import write_block
+    from atkd_cache.recipes.study_report import registered_report
 
-    if docs and not report:
-        raise UserError("--docs writes the report of a results file: give --report RESULTS")
-    if report:
-        text = format_report(load_results(report))
-        if docs:
-            write_block(*DOCS_BLOCK, text)
-        click.echo(text)
+    if report or docs:
+        click.echo(registered_report(crosstok_study, report, docs))
         return
     quiet_transformers()
-    run_crosstok_study(crosstok_study_config(smoke, **values), log=click.echo)
+    crosstok_study.run_crosstok_study(crosstok_study_config(smoke, **values), log=click.echo)
 
 
 @main.command("on-policy")

@@ -190,10 +190,7 @@ def fused_crosstok_loss(
     work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = chunk_rows or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, v))
     n_chunks = int(teacher.teacher_ll.shape[0])
-    by_rows = needs_rows(cfg) and n_chunks > 0
-    if by_rows and teacher.support_logprobs is None:
-        raise ValueError(f"{cfg.cross_tokenizer} needs the teacher's top-k at each chunk (a "
-                         f"top-k cache)")
+    by_rows = needs_rows(cfg) and n_chunks > 0  # (chunk_terms refuses a teacher without top-k)
     # Only ALM's weights depend on the values; the others are linear in both inputs.
     if cfg.cross_tokenizer == "alm":
         lq = target_logprobs(hidden, weight, bias, softcap, teacher.target_ids, rows).to(work)

@@ -713,6 +713,17 @@ def write_block(page: str, tag: str, name: str, body: str) -> None:
         f.write(fill(text, {name: body}, tag))
 
 
+def registered_report(recipe, results: str | None, docs: bool) -> str:
+    """A registered run's report (`recipe`: its module, with format_report, load_results and
+    DOCS_BLOCK) printed from a results file; with `docs`, also written into its docs block."""
+    if not results:
+        raise UserError("--docs writes the report of a results file: give --report RESULTS")
+    text = recipe.format_report(recipe.load_results(results))
+    if docs:
+        write_block(*recipe.DOCS_BLOCK, text)
+    return text
+
+
 def write_docs(results: str, v1: str, demo: str, docs: str = "docs",
                readme: str = "README.md") -> str:
     """Rewrite the generated blocks of docs/study.md and README.md and docs/study.png from
