@@ -13,6 +13,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+# Another family's chat format (Llama 3's markers and layout), for students that render chats
+# with their own template; `trim` as Llama 3's own template has it
+LLAMA3_MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 _WORDS = (
     "the cat dog sat on a mat and ran to house tree river small big red blue green quick slow "
@@ -32,9 +40,11 @@ def synthetic_sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def build_tokenizer(folder: str, vocab_size: int = 300, seed: int = 0,
-                    texts: list[str] | None = None) -> str:
-    """Train a byte-level BPE tokenizer with a chat template (ChatML markers as added tokens)
-    on `texts` (default: synthetic sentences); save it to `folder`."""
+                    texts: list[str] | None = None, chat_template: str = CHAT_TEMPLATE,
+                    markers: list[str] | None = None) -> str:
+    """Train a byte-level BPE tokenizer with a chat template (its `markers` as added tokens:
+    ChatML's by default) on `texts` (default: synthetic sentences); save it to `folder`."""
+    markers = markers or SPECIAL[3:]
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +53,7 @@ def build_tokenizer(folder: str, vocab_size: int = 300, seed: int = 0,
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL,
+        special_tokens=SPECIAL[:3] + markers,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts if texts is not None else synthetic_sentences(2000, seed),
@@ -53,9 +63,9 @@ def build_tokenizer(folder: str, vocab_size: int = 300, seed: int = 0,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=markers,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     os.makedirs(folder, exist_ok=True)
     fast.save_pretrained(folder)
     return folder

@@ -304,6 +304,10 @@ def init_student_cmd(teacher: str, layers: str, output: str, tokenizer: str | No
                    "Replaces --loss; CE with --ce-weight (docs/losses.md section 9).")
 @click.option("--chunk-temperature", type=float, default=1.0, show_default=True,
               help="alm: temperature on the chunk log-likelihoods.")
+@click.option("--student-chat-template", is_flag=True, default=False,
+              help="--cross-tokenizer: the student reads each chat as its own chat template "
+                   "renders it (the cached messages re-rendered; reply bytes must not change), "
+                   "not the teacher's rendering.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True,
               help="Padded (or packed) tokens per micro-batch.")
 @click.option("--pack", is_flag=True, default=False, help="Pack sequences into one row.")

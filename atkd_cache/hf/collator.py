@@ -95,11 +95,14 @@ class KDCollator:
         return batch
 
 
-def cross_tokenizer_collator(cache: str, tokenizer, pack: bool = False) -> KDCollator:
+def cross_tokenizer_collator(cache: str, tokenizer, pack: bool = False,
+                             student_chat_template: bool = False) -> KDCollator:
     """A KDCollator for a student whose tokenizer differs from the cache's teacher's: each
-    row's text (from the tokenizer stored in `cache`) is re-tokenized by `tokenizer` and cut
+    row's text (from the tokenizer stored in `cache`) is re-tokenized by `tokenizer` (after
+    rendering the chat with the student's own template when `student_chat_template`) and cut
     into byte-aligned chunks; train with LossConfig(cross_tokenizer="alm" | "uld" | "gold")."""
     from atkd_cache.cache.reader import open_cache
     from atkd_cache.train.align import cache_aligner
 
-    return KDCollator(pack=pack, aligner=cache_aligner(open_cache(cache), tokenizer))
+    return KDCollator(pack=pack, aligner=cache_aligner(open_cache(cache), tokenizer,
+                                                       chat_template=student_chat_template))

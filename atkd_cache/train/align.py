@@ -79,24 +79,28 @@ class Aligner:
     """Re-tokenizes cached sequences with the student's tokenizer and cuts both sides into
     chunks (the loader's alignment step). Picklable: DataLoader workers get a copy."""
 
-    def __init__(self, teacher_table: list[bytes | None], student_tokenizer, where: str = ""):
+    def __init__(self, teacher_table: list[bytes | None], student_tokenizer, where: str = "",
+                 rerender=None):
         self.teacher_table = teacher_table
         self.tokenizer = student_tokenizer
         self.student_table = token_bytes(student_tokenizer)
         self.where = where
+        # (train/chat_render.py) the student reads its own chat template's rendering of each
+        # chat; its template writes any BOS, so nothing goes before it
+        self.rerender = rerender
         # what the student puts before any text (a BOS), as its own call would
-        self.prefix = np.asarray(student_tokenizer("", add_special_tokens=True)["input_ids"],
-                                 dtype=np.int64)
+        self.prefix = np.zeros(0, np.int64) if rerender else np.asarray(
+            student_tokenizer("", add_special_tokens=True)["input_ids"], dtype=np.int64)
         self.vocab_map = vocab_map(teacher_table, self.student_table)
 
     def align(self, seq) -> AlignedSequence:
         """Align one CachedSequence (input_ids, supervised, target_logprob)."""
         t_ids = np.asarray(seq.input_ids, dtype=np.int64)
+        where = f"sequence {seq.seq_id}{self.where}"
         try:
             ends = byte_ends(t_ids, self.teacher_table)
         except ValueError as e:
-            raise UserError(f"teacher {e} (sequence {seq.seq_id}{self.where}): its text cannot "
-                            f"be aligned") from None
+            raise UserError(f"teacher {e} ({where}): its text cannot be aligned") from None
         data = b"".join(self.teacher_table[i] for i in t_ids.tolist())
         n_t, dropped = len(t_ids), 0
         try:
@@ -106,12 +110,19 @@ class Aligner:
             cut = int(ends[n_t - 1]) if n_t else 0
             dropped = len(data) - cut
             text = data[:cut].decode("utf-8", errors="strict") if n_t else ""
-        body = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"],
-                          dtype=np.int64) if text else np.zeros(0, np.int64)
+        pairs = None  # byte spans [t_lo, t_hi, s_lo, s_hi, whole] that pair up; None: all
+        if self.rerender is not None and text:
+            rendered = self.rerender(text, where)
+            s_text, pairs = rendered.text, rendered.pairs
+        else:
+            s_text = text
+        body = np.asarray(self.tokenizer(s_text, add_special_tokens=False)["input_ids"],
+                          dtype=np.int64) if s_text else np.zeros(0, np.int64)
         pieces = [self.student_table[i] for i in body.tolist()]
-        if None in pieces or b"".join(pieces) != data[:len(data) - dropped]:
+        want = s_text.encode("utf-8") if pairs is not None else data[:len(data) - dropped]
+        if None in pieces or b"".join(pieces) != want:
             raise UserError(f"the student's tokenizer does not give back the bytes of "
-                            f"sequence {seq.seq_id}{self.where} (it normalises text, e.g. NFC "
+                            f"{where} (it normalises text, e.g. NFC "
                             f"on text that is not NFC, or has tokens without bytes): "
                             f"cross-tokenizer training needs a byte-level student tokenizer "
                             f"(or normalise the data as the student does before the dump)")
@@ -121,7 +132,12 @@ class Aligner:
         if n_t == 0 or len(body) == 0:
             return empty
         s_ends = np.cumsum([len(b) for b in pieces])
-        cut = np.asarray(chunks(ends[:n_t], s_ends), dtype=np.int64).reshape(-1, 4)
+        if pairs is None:
+            cut = np.asarray(chunks(ends[:n_t], s_ends), dtype=np.int64).reshape(-1, 4)
+        else:
+            cut = paired_chunks(ends[:n_t], s_ends, pairs)
+        if len(cut) == 0:
+            return empty
         a_lo, a_hi, b_lo, b_hi = cut.T
         sup = np.asarray(seq.supervised[:n_t], dtype=bool)
         # token j (j ≥ 1) is a supervised target when position j - 1 is supervised
@@ -153,17 +169,51 @@ class Aligner:
         )
 
 
-def cache_aligner(cache, tokenizer, student: str = "the student") -> Aligner:
+def paired_chunks(ends_a: np.ndarray, ends_b: np.ndarray,
+                  pairs: list[tuple[int, int, int, int, bool]]) -> np.ndarray:
+    """[C, 4] token ranges (a_lo, a_hi, b_lo, b_hi) inside byte spans that pair up between two
+    different texts (a student's own chat rendering, train/chat_render.py): a span with the
+    same bytes on both sides is cut at every offset where both sides end a token, counting
+    only tokens wholly inside it; a `whole` pair (end-of-turn markers, different bytes)
+    is one chunk when both sides have token boundaries at both of its ends."""
+    bounds_a = np.concatenate([[0], ends_a])  # bounds[j] = where token j starts
+    bounds_b = np.concatenate([[0], ends_b])
+    out = []
+    for a_lo, a_hi, b_lo, b_hi, whole in pairs:
+        if whole:
+            cuts = [(0, 0), (a_hi - a_lo, b_hi - b_lo)]
+            if not (np.isin([a_lo, a_hi], bounds_a).all() and np.isin([b_lo, b_hi],
+                                                                       bounds_b).all()):
+                continue
+        else:
+            in_a = bounds_a[(bounds_a >= a_lo) & (bounds_a <= a_hi)] - a_lo
+            in_b = bounds_b[(bounds_b >= b_lo) & (bounds_b <= b_hi)] - b_lo
+            shared = np.intersect1d(in_a, in_b)
+            cuts = [(x, x) for x in shared]
+        for (xa, xb), (ya, yb) in zip(cuts[:-1], cuts[1:], strict=True):
+            out.append((np.searchsorted(bounds_a, a_lo + xa), np.searchsorted(bounds_a, a_lo + ya),
+                        np.searchsorted(bounds_b, b_lo + xb),
+                        np.searchsorted(bounds_b, b_lo + yb)))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+
+
+def cache_aligner(cache, tokenizer, student: str = "the student",
+                  chat_template: bool = False) -> Aligner:
     """The aligner of a student's tokenizer to an opened cache's text (the cache's stored
-    teacher tokenizer, cache/text.py); one line when the student's tokenizer is not
-    byte-level (before anything heavy loads)."""
+    teacher tokenizer, cache/text.py), the student reading its own chat template's rendering
+    of each chat when `chat_template`; one line when the student's tokenizer is not
+    byte-level or (with `chat_template`) a side has no usable template, before anything
+    heavy loads."""
     from atkd_cache.cache.text import is_byte_level, load_text
+    from atkd_cache.train.chat_render import Rerender
 
     if not is_byte_level(tokenizer):
         raise UserError(f"{student}: its tokenizer is not byte-level (it normalises text, so "
                         f"its tokens do not give the text back byte for byte): "
                         f"--cross-tokenizer needs a byte-level student tokenizer")
-    return Aligner(load_text(cache).table, tokenizer, f" of {cache.path}")
+    text = load_text(cache)
+    rerender = Rerender(text.tokenizer, tokenizer) if chat_template else None
+    return Aligner(text.table, tokenizer, f" of {cache.path}", rerender)
 
 
 def vocab_map(teacher_table: list[bytes | None], student_table: list[bytes | None]

@@ -93,6 +93,9 @@ class TrainConfig:
     trust_remote_code: bool = False
     allow_partial: bool = False  # train on the committed shards of an unfinished dump
     fused_head: bool = True  # LM head + loss fused (losses/fused.py): no [N, V] logits
+    # cross-tokenizer: the student reads each chat as its own chat template renders it
+    # (train/chat_render.py), not the teacher's rendering
+    student_chat_template: bool = False
 
     def check(self) -> None:
         """Raise UserError on settings that cannot work."""
@@ -110,6 +113,10 @@ class TrainConfig:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--lr must be > 0 and --min-lr-ratio in [0, 1]")
+        if self.student_chat_template and not self.loss.cross_tokenizer:
+            raise UserError("--student-chat-template is for a student with another tokenizer: "
+                            "give --cross-tokenizer too (a student of the teacher's tokenizer "
+                            "reads the cached ids as they are)")
         if self.loss.cross_tokenizer:
             if len(cache_paths(self.cache)) > 1:
                 raise UserError("--cross-tokenizer trains on one cache: give one --cache")
@@ -576,8 +583,8 @@ def _build_student(cfg: TrainConfig, d: Dist, caches: list[Cache]):
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, cfg.trust_remote_code)
     # a student of another tokenizer re-tokenizes the cache's text (train/align.py); one of
     # the teacher's tokenizer is checked against every cache, before the model loads
-    aligner = cache_aligner(caches[0], tokenizer, cfg.student) if cfg.loss.cross_tokenizer \
-        else None
+    aligner = cache_aligner(caches[0], tokenizer, cfg.student, cfg.student_chat_template) \
+        if cfg.loss.cross_tokenizer else None
     same_tokenizer = [] if aligner else caches
     for cache in same_tokenizer:
         check_compatible(cache.card, tokenizer, None, cfg.student)
