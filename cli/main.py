@@ -640,5 +640,39 @@ def study_report_cmd(results: str, v1: str, demo: str, docs: bool) -> None:
     click.echo(write_docs(results, v1, demo) if docs else blocks(results, v1, demo)["report"])
 
 
+def run() -> None:
+    """The `atkd-cache` program: run the command, shut down as the interpreter would (join
+    the threads that are not daemons, run the exit handlers), then end the process at once
+    with the command's exit code.
+
+    Why not a plain return: in interpreter finalization, Python (≤ 3.13) ends every daemon
+    thread that wakes up with pthread_exit, and a forced unwind through C++ frames (a torch
+    op, an Arrow read, a zarr codec worker) calls std::terminate, and C++ thread pools'
+    static destructors can race their own threads: the process dies with "terminate called
+    without an active exception" (SIGABRT) after its work is done, more often under load
+    (CI saw it after a clean one-line refusal; apache/arrow #45017 shows the same unwind).
+    Skipping finalization (after everything it would do that matters: threads joined, exit
+    handlers run, buffers flushed) removes that window."""
+    import atexit
+    import gc
+    import os
+    import threading
+
+    try:
+        main()  # (standalone mode: it always ends in SystemExit)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):  # sys.exit("message"), as the interpreter prints it
+        click.echo(code, err=True)
+        code = 1
+    threading._shutdown()  # non-daemon threads joined, idle executors stopped
+    atexit._run_exitfuncs()  # e.g. a gloo group destroyed, zarr's IO loop stopped
+    gc.collect()  # files still open but unreachable are flushed and closed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    main()
+    run()

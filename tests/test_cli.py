@@ -185,3 +185,43 @@ def test_vllm_backend_without_vllm_is_one_line(assets, tmp_path, monkeypatch):
     assert r.exit_code == 2
     assert r.output.count("error:") == 1 and "needs vLLM" in r.output
     assert not (tmp_path / "c" / "zarr.json").exists()
+
+
+BUSY_AT_EXIT = """
+import sys, threading, time
+import torch
+from atkd_cache.cli import main as cli
+def busy():  # a daemon thread inside a C++ op when the program ends (a codec or IO worker)
+    a = torch.randn(800, 800)
+    while True:
+        a @ a
+threading.Thread(target=busy, daemon=True).start()
+time.sleep(0.2)
+entry = getattr(cli, sys.argv[1])
+sys.argv = ["atkd-cache", *sys.argv[2:]]
+entry()
+"""
+
+
+def test_the_program_ends_with_its_exit_code_while_a_thread_is_in_cpp(tmp_path):
+    """The abort CI saw after a clean refusal ("terminate called without an active
+    exception", SIGABRT): a daemon thread inside C++ code when the interpreter finalizes.
+    Ending through Click's `main` aborts; the `atkd-cache` program (`run`) ends with the
+    command's own code and its whole output, refusal or success."""
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_AT_EXIT)
+
+    def program(entry, *args):
+        return subprocess.run([sys.executable, str(script), entry, *args], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    plain = [program("main", "verify", str(tmp_path / "missing")) for _ in range(2)]
+    assert any(r.returncode == -signal.SIGABRT and "terminate called" in r.stderr
+               for r in plain), [r.returncode for r in plain]  # (the failure is real here)
+    for _ in range(2):
+        r = program("run", "verify", str(tmp_path / "missing"))
+        assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+        assert r.stderr.strip().splitlines() == [
+            f"error: {tmp_path / 'missing'} does not exist or is not a folder: give a cache path"]
+    r = program("run", "--version")
+    assert r.returncode == 0 and r.stdout.startswith("atkd-cache, version "), r
