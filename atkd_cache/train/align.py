@@ -119,8 +119,7 @@ class Aligner:
         body = np.asarray(self.tokenizer(s_text, add_special_tokens=False)["input_ids"],
                           dtype=np.int64) if s_text else np.zeros(0, np.int64)
         pieces = [self.student_table[i] for i in body.tolist()]
-        want = s_text.encode("utf-8") if pairs is not None else data[:len(data) - dropped]
-        if None in pieces or b"".join(pieces) != want:
+        if None in pieces or b"".join(pieces) != s_text.encode("utf-8"):
             raise UserError(f"the student's tokenizer does not give back the bytes of "
                             f"{where} (it normalises text, e.g. NFC "
                             f"on text that is not NFC, or has tokens without bytes): "
