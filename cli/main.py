@@ -518,7 +518,8 @@ def study_cmd(demo: bool, smoke: bool, **values) -> None:
 @click.option("--report", "report", default=None, metavar="RESULTS",
               help="Only print the report of a results file.")
 @click.option("--docs", is_flag=True, default=False,
-              help="With --report: also write it into its generated block of the docs.")
+              help="With --report: also write it into its block of the docs and its "
+                   "headline into the README's.")
 @config_flags(OnPolicyStudyConfig)
 @user_errors
 def on_policy_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -> None:
@@ -541,7 +542,8 @@ def on_policy_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -
 @click.option("--report", "report", default=None, metavar="RESULTS",
               help="Only print the report of a results file.")
 @click.option("--docs", is_flag=True, default=False,
-              help="With --report: also write it into its generated block of the docs.")
+              help="With --report: also write it into its block of the docs and its "
+                   "headline into the README's.")
 @config_flags(CrossTokStudyConfig)
 @user_errors
 def crosstok_study_cmd(smoke: bool, report: str | None, docs: bool, **values) -> None:

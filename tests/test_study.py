@@ -139,23 +139,24 @@ def test_docs_blocks_are_printed_from_the_results_files():
 @pytest.mark.parametrize("recipe,results", [("crosstok_study", "crosstok_results.json"),
                                              ("on_policy_study", "on_policy_results.json")])
 def test_registered_run_blocks_are_printed_from_their_results(recipe, results):
-    """The cross-tokenizer and on-policy reports in the docs equal what the recipe's report
-    code prints from the results file kept in docs/; a run not yet kept there leaves the
-    block saying it is not finished (never a figure)."""
+    """The cross-tokenizer and on-policy reports in the docs, and their headlines in the
+    README, equal what the recipe's report code prints from the results file kept in docs/;
+    a run not yet kept there leaves the block saying it is not finished (never a figure)."""
     import importlib
 
     from atkd_cache.recipes.study_report import block
 
     mod = importlib.import_module(f"atkd_cache.recipes.{recipe}")
-    page, tag, name = mod.DOCS_BLOCK
-    body = block((ROOT / page).read_text(), tag, name)
-    assert body is not None, f"{page} lost its {tag}:{name} block"
     path = ROOT / "docs" / results
-    if path.exists():
-        assert body == mod.format_report(mod.load_results(str(path))), \
-            f"{page}: stale: run `atkd-cache {recipe.replace('_', '-')} --report {path} --docs`"
-    else:
-        assert body.startswith("(not finished") and not re.search(r"\d\.\d", body)
+    for (page, tag, name), printer in ((mod.DOCS_BLOCK, mod.format_report),
+                                       (mod.README_BLOCK, mod.headline)):
+        body = block((ROOT / page).read_text(), tag, name)
+        assert body is not None, f"{page} lost its {tag}:{name} block"
+        if path.exists():
+            assert body == printer(mod.load_results(str(path))), f"{page}: stale: run " \
+                f"`atkd-cache {recipe.replace('_', '-')} --report {path} --docs`"
+        else:
+            assert body.startswith("(not finished") and not re.search(r"\d\.\d", body)
 
 
 def test_the_study_reading_has_no_number_that_code_did_not_print():

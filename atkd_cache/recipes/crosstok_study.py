@@ -51,6 +51,7 @@ from atkd_cache.train.trainer import TrainConfig, train
 
 DESIGN = "crosstok-1"
 DOCS_BLOCK = ("docs/training.md", "crosstok", "report")  # `--report FILE --docs` fills it
+README_BLOCK = ("README.md", "crosstok", "headline")  # ... and this one with headline()
 PRIMARY = "rouge_teacher"
 PROMPT_METRICS = {"rouge_teacher": "ROUGE-L vs teacher", "rouge_human": "ROUGE-L vs human",
                   "stopped": "stop rate", "distinct_3": "distinct 3-grams",
@@ -285,11 +286,9 @@ def summarize(doc: dict) -> dict:
     return out
 
 
-def format_report(doc: dict) -> str:
-    """The report as Markdown, every figure from the results file."""
+def headline(doc: dict) -> str:
+    """The gate, the primary comparison and its verdict (the README's block)."""
     cfg, s = doc["config"], summarize(doc)
-    metrics = [*PROMPT_METRICS, *BPB]
-    labels = {**PROMPT_METRICS, **BPB}
     lines = []
     gate = s.get("headroom")
     if gate:
@@ -310,6 +309,15 @@ def format_report(doc: dict) -> str:
     if not doc.get("complete"):
         lines.append(f"(Incomplete: {sum('test' in r for r in doc['runs'].values())} runs "
                      f"scored on test so far; the study resumes from this file.)")
+    return "\n".join(lines) or "(no runs scored yet)"
+
+
+def format_report(doc: dict) -> str:
+    """The report as Markdown, every figure from the results file."""
+    cfg, s = doc["config"], summarize(doc)
+    metrics = [*PROMPT_METRICS, *BPB]
+    labels = {**PROMPT_METRICS, **BPB}
+    lines = [headline(doc)]
     if s["table"]:
         seeds = max(int(r[PRIMARY][2]) for r in s["table"].values())
         lines += ["", f"Test split, {seeds} seed(s) (mean ± std over seeds); the student "
@@ -350,7 +358,7 @@ def format_report(doc: dict) -> str:
         lines += ["", "| stage | seconds |", "|---|---|"] + [
             f"| {k} {STAGES.get(k, '')} | {v:,.0f} |" for k, v in sorted(st.items())] + [
             f"| **total** | **{total:,.0f}** ({total / 3600:.2f} h) |"]
-    return "\n".join(lines) if lines else "(no runs scored yet)"
+    return "\n".join(lines)
 
 
 def load_results(path: str) -> dict:

@@ -53,6 +53,7 @@ from atkd_cache.recipes.study_report import (
 
 DESIGN = "on-policy-1"
 DOCS_BLOCK = ("docs/on-policy.md", "on-policy", "report")  # `--report FILE --docs`
+README_BLOCK = ("README.md", "on-policy", "headline")  # ... and this one with headline()
 STAGES = {"1": "teacher", "2": "data", "3": "caches", "4": "student (healing + floor and "
           "ceiling scores)", "5": "primary arms (grid + seeds)", "6": "other arms (grid + "
           "seeds)", "7": "report"}

@@ -714,13 +714,16 @@ def write_block(page: str, tag: str, name: str, body: str) -> None:
 
 
 def registered_report(recipe, results: str | None, docs: bool) -> str:
-    """A registered run's report (`recipe`: its module, with format_report, load_results and
-    DOCS_BLOCK) printed from a results file; with `docs`, also written into its docs block."""
+    """A registered run's report (`recipe`: its module, with format_report, headline,
+    load_results, DOCS_BLOCK and README_BLOCK) printed from a results file; with `docs`, also
+    written into its docs block, and its headline into the README's block."""
     if not results:
         raise UserError("--docs writes the report of a results file: give --report RESULTS")
-    text = recipe.format_report(recipe.load_results(results))
+    doc = recipe.load_results(results)
+    text = recipe.format_report(doc)
     if docs:
         write_block(*recipe.DOCS_BLOCK, text)
+        write_block(*recipe.README_BLOCK, recipe.headline(doc))
     return text
 
 
