@@ -296,7 +296,8 @@ def init_student_cmd(teacher: str, layers: str, output: str, tokenizer: str | No
 @click.option("--beta", type=float, default=0.5, show_default=True, help="jsd beta.")
 @click.option("--skew", type=float, default=0.1, show_default=True, help="skl/srkl alpha.")
 @click.option("--discount", type=float, default=1.0, show_default=True,
-              help="rkl-tokens: discount of the per-token terms' returns (1 = exact).")
+              help="rkl-tokens: discount of the per-token terms' returns (1 = exact, and "
+                   "noisy: docs/losses.md section 8).")
 @click.option("--cross-tokenizer", type=click.Choice(CROSS_TOKENIZER), default=None,
               help="A student with another tokenizer than the teacher's: the cache's text is "
                    "re-tokenized and cut into byte-aligned chunks; alm (chunk likelihoods), "
@@ -596,7 +597,8 @@ def crosstok_study_cmd(smoke: bool, report: str | None, docs: bool, **values) ->
                    "rkl-tokens: the per-token reverse-KL estimator (docs/losses.md section 8).")
 @click.option("--base", type=click.Choice(BASES), default="fkl", show_default=True)
 @click.option("--discount", type=float, default=1.0, show_default=True,
-              help="rkl-tokens: the returns' discount (1 = exact).")
+              help="rkl-tokens: the returns' discount (1 = exact, and noisy: "
+                   "docs/losses.md section 8).")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--batch-tokens", type=int, default=4096, show_default=True)
 @click.option("--checkpoint-every", type=int, default=20, show_default=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from atkd_cache import assets
 from atkd_cache.errors import UserError
@@ -252,6 +253,7 @@ def check_on_policy_study(workdir: Path, study_doc: dict) -> None:
         assert len({c.teacher_weights_hash for c in cards}) == 1
         assert (folder / "round-000" / "train").exists() == (arm == "offpolicy-then-onpolicy")
         assert runs[arm]["teacher_tokens_scored"] == runs[arm]["tokens"]
+        check_sample_stats(folder, runs[arm]["samples"], rounds)
     # the primary effect, recomputed from the per-prompt scores
     diff = np.subtract(runs["onpolicy-kd"]["test"]["per_prompt"]["rouge_teacher"],
                        runs["offpolicy-kd"]["test"]["per_prompt"]["rouge_teacher"])
@@ -265,6 +267,48 @@ def check_on_policy_study(workdir: Path, study_doc: dict) -> None:
     assert not any("ROUGE-L to teacher" in line for line in again)
     with pytest.raises(UserError, match="unequal budgets"):
         check(dataclasses.replace(cfg, rounds=3))
+
+
+@torch.no_grad()
+def check_sample_stats(folder: Path, samples: dict, rounds: int) -> None:
+    """The run's per-round sample statistics against a plain recomputation: the replies'
+    lengths and endings from the round's rollouts.jsonl, the training's gradient norms from
+    its metrics.jsonl, and the reverse KL of each reply from float64 forwards of the policy
+    that wrote it and of the teacher."""
+    from transformers import AutoModelForCausalLM
+
+    assert sorted(samples, key=int) == [str(r) for r in range(1, rounds + 1)]
+    run = json.loads((folder / "results.json").read_text())
+    config = json.loads((folder / "on_policy.json").read_text())
+    teacher = AutoModelForCausalLM.from_pretrained(config["teacher"]).double().eval()
+    stops = {teacher.generation_config.eos_token_id} - {None}
+    for r in range(1, rounds + 1):
+        rows = [json.loads(line) for line in (folder / f"round-{r:03d}" /
+                                              "rollouts.jsonl").open()]
+        got = samples[str(r)]
+        assert got["replies"] == len(rows)
+        metrics = (folder / f"round-{r:03d}" / "train" / "metrics.jsonl").read_text()
+        assert got["grad_norm_median"] == pytest.approx(np.median(
+            [json.loads(line)["grad_norm"] for line in metrics.splitlines()]))
+        assert got["reply_tokens"] == pytest.approx(np.mean([len(x["completion_ids"])
+                                                             for x in rows]))
+        assert got["stopped"] == pytest.approx(np.mean([x["completion_ids"][-1] in stops
+                                                        for x in rows]))
+        if r > 1:
+            continue  # (one round's forwards are enough to pin the sums)
+        policy = AutoModelForCausalLM.from_pretrained(run["rounds"]["0"]["student"])
+        policy = policy.double().eval()
+        sums = []
+        for x in rows:
+            ids = torch.tensor([x["prompt_ids"] + x["completion_ids"]])
+            n = len(x["completion_ids"])
+            targets = ids[0, -n:]
+            lp = [m(ids).logits[0, -n - 1:-1].log_softmax(-1)[torch.arange(n), targets]
+                  for m in (policy, teacher)]
+            sums.append(float((lp[0] - lp[1]).sum()))
+        assert got["rkl_per_reply"] == pytest.approx(np.mean(sums), abs=1e-3)
+        assert got["rkl_per_token"] == pytest.approx(
+            sum(sums) / sum(len(x["completion_ids"]) for x in rows), abs=1e-4)
 
 
 def check_crosstok_study(workdir: Path) -> None:

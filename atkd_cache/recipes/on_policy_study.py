@@ -114,13 +114,66 @@ def _summary(folder: str) -> dict:
         return json.load(f)
 
 
+def run_folder(cfg: OnPolicyStudyConfig, arm: str, lr: float, seed: int) -> str:
+    """Where an on-policy arm's run writes its rounds."""
+    return os.path.join(cfg.workdir, "runs", "teacher", arm, f"lr{lr:g}-seed{seed}")
+
+
+def arm_rounds(cfg: OnPolicyStudyConfig, arm: str) -> int:
+    """How many on-policy rounds an arm runs (the mixed arm: the second half's)."""
+    return cfg.rounds - cfg.rounds // 2 if arm == "offpolicy-then-onpolicy" else cfg.rounds
+
+
+def sample_stats(folder: str, rounds: int, stops: set[int]) -> dict[str, dict]:
+    """Per round of an on-policy run folder, read from the round's two caches: what the
+    student wrote (mean reply tokens; the share of replies ending in a stop id) and the
+    reverse KL of its samples, Σ_t log p_s(y_t) − log p_t(y_t) over a reply (the behaviour
+    log-probs of the rollout cache, the teacher's of the scoring cache), mean per reply and
+    per token. Round r's samples are student r−1's: the policy before that round trained.
+    Also the median gradient norm (before clipping) of the round's training steps.
+    A diagnostic, not part of the registration."""
+    out = {}
+    for r in range(1, rounds + 1):
+        at = os.path.join(folder, f"round-{r:03d}")
+        behaviour = {s.seq_id: s for s in open_cache(os.path.join(at, "rollouts"))}
+        gaps, stopped = [], []
+        for t in open_cache(os.path.join(at, "teacher")):
+            s = behaviour[t.seq_id]
+            if not np.array_equal(s.input_ids, t.input_ids):
+                raise UserError(f"{at}: the teacher's cache and the rollouts differ in "
+                                f"sequence {t.seq_id}: the round folder is damaged")
+            gaps.append(s.target_logprob.astype(np.float64) - t.target_logprob)
+            stopped.append(len(t.target_ids) > 0 and int(t.target_ids[-1]) in stops)
+        with open(os.path.join(at, "train", "metrics.jsonl")) as f:
+            norms = [json.loads(line)["grad_norm"] for line in f if line.strip()]
+        out[str(r)] = {"replies": len(gaps), "grad_norm_median": float(np.median(norms)),
+                       "reply_tokens": float(np.mean([len(g) for g in gaps])),
+                       "stopped": float(np.mean(stopped)),
+                       "rkl_per_reply": float(np.mean([g.sum() for g in gaps])),
+                       "rkl_per_token": float(np.concatenate(gaps).mean())}
+    return out
+
+
+def add_sample_stats(cfg: OnPolicyStudyConfig, doc: dict, stops: set[int]) -> None:
+    """Fill in `sample_stats` for the on-policy runs of `doc` that lack it and whose run
+    folder is still on disk (a run folder from another checkout is not)."""
+    for key, run in doc["runs"].items():
+        _, arm, lr, seed = key.split("/")
+        if arm == "offpolicy-kd" or "samples" in run:
+            continue
+        folder = run_folder(cfg, arm, float(lr[2:]), int(seed[4:]))
+        if os.path.exists(os.path.join(folder, f"round-{arm_rounds(cfg, arm):03d}",
+                                       "train", "model")):
+            run["samples"] = sample_stats(folder, arm_rounds(cfg, arm), stops)
+
+
 def train_rounds(cfg: OnPolicyStudyConfig, arm: str, lr: float, seed: int, student: str,
                  teacher: str, data: dict[str, str], caches: dict[str, str]) -> dict:
     """One on-policy arm's run (`atkd-cache on-policy` in its own folder); what it spent:
     student updates, tokens trained on, replies, teacher tokens scored."""
-    out = os.path.join(cfg.workdir, "runs", "teacher", arm, f"lr{lr:g}-seed{seed}")
+    out = run_folder(cfg, arm, lr, seed)
     mixed = arm == "offpolicy-then-onpolicy"
-    rounds = cfg.rounds - cfg.rounds // 2 if mixed else cfg.rounds
+    rounds = arm_rounds(cfg, arm)
     op = OnPolicyConfig(
         student=student, teacher=teacher, data=data["train-rest" if mixed else "train-teacher"],
         output=out, rounds=rounds, prompts_per_round=cfg.prompts_per_round,
@@ -157,6 +210,7 @@ def train_offpolicy(cfg: OnPolicyStudyConfig, lr: float, seed: int, student: str
 def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     """Run (or continue) every stage; returns the results document."""
     from atkd_cache.models import load_tokenizer
+    from atkd_cache.train.evaluate import stop_ids
 
     check(cfg)
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -190,7 +244,10 @@ def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
         if arm == "offpolicy-kd":
             return train_offpolicy(cfg, lr, seed, student, caches)
         # (offpolicy-then-onpolicy: its off-policy half is round 0, on caches["train-half"])
-        return train_rounds(cfg, arm, lr, seed, student, teacher, data, caches)
+        run = train_rounds(cfg, arm, lr, seed, student, teacher, data, caches)
+        return {**run, "samples": sample_stats(run_folder(cfg, arm, lr, seed),
+                                               arm_rounds(cfg, arm),
+                                               stop_ids(teacher_model(), tokenizer))}
 
     st = study.Stage(cfg, student, caches, evals, results, tokenizer, teacher_model, log,
                      trainer=trainer)
@@ -203,6 +260,7 @@ def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     stage(6, f"other arms {others}: the same grid and seeds")
     study.grid_then_seeds(st, others)
     stage(7, "report")
+    add_sample_stats(cfg, results.doc, stop_ids(teacher_model(), tokenizer))
     stage(None)
     log(results.finish(format_report, os.path.join(cfg.workdir, "on-policy-report.md")))
     return results.doc
@@ -226,6 +284,25 @@ def budget_table(doc: dict) -> str:
                      ("replies", "steps", "tokens", "teacher_tokens_scored")]
             lines.append(f"| {arm} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
     return "\n".join(lines)
+
+
+def samples_table(doc: dict) -> str:
+    """Each on-policy arm's samples round by round, at its chosen lr, mean over the seeds
+    whose run folders were read (sample_stats)."""
+    lines = ["| arm | round | seeds | replies stopped | reply tokens | reverse KL per reply "
+             "(nats) | per token | median grad norm in its training |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm in doc["config"]["arms"]:
+        lr = doc.get("best_lr", {}).get(arm)
+        runs = [r["samples"] for k, r in doc["runs"].items()
+                if lr is not None and k.startswith(f"teacher/{arm}/lr{lr:g}/") and "samples" in r]
+        for rnd in sorted(runs[0], key=int) if runs else []:
+            cells = [np.mean([r[rnd][m] for r in runs]) for m in
+                     ("stopped", "reply_tokens", "rkl_per_reply", "rkl_per_token",
+                      "grad_norm_median")]
+            lines.append(f"| {arm} | {rnd} | {len(runs)} | {cells[0]:.3f} | {cells[1]:.1f} | "
+                         f"{cells[2]:.1f} | {cells[3]:.3f} | {cells[4]:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def headline(doc: dict) -> str:
@@ -275,11 +352,18 @@ def format_report(doc: dict) -> str:
     times = ["| stage | seconds |", "|---|---|"] + [
         f"| {k} {STAGES.get(k, '')} | {v:,.0f} |" for k, v in sorted(st.items())]
     total = sum(st.values())
+    samples = samples_table(doc)
     times.append(f"| **total** | **{total:,.0f}** ({total / 3600:.2f} h) |")
     parts = [headline(doc), tables(doc, summarize(doc)),
              "What each arm spent (its chosen lr, mean over seeds):\n\n" + budget_table(doc),
              "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):\n\n"
-             + grid_table(doc) if doc.get("best_lr") else "", "\n".join(times)]
+             + grid_table(doc) if doc.get("best_lr") else "", samples and
+             "What the students wrote in each round (not registered: a diagnostic read from "
+             "the rounds' caches; round r's samples are the policy's before round r trained; "
+             "the reverse KL is Σ_t log p_s(y_t) − log p_t(y_t) over a sampled reply, the "
+             "quantity `rkl-tokens` minimises, in expectation; the gradient norms are "
+             "before clipping at the trainer's default of 1):\n\n" + samples,
+             "\n".join(times)]
     return "\n\n".join(p for p in parts if p)
 
 
