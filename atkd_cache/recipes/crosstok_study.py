@@ -41,7 +41,7 @@ from atkd_cache.losses.kd import LossConfig
 from atkd_cache.recipes import study
 from atkd_cache.recipes.stats import Paired, paired_bootstrap, seed_interval, verdict
 from atkd_cache.recipes.study_config import CROSSTOK_ARMS, CrossTokStudyConfig
-from atkd_cache.recipes.study_report import _cell, _interval, _mean_std, grid_table
+from atkd_cache.recipes.study_report import _cell, _interval, _mean_std, grid_edges, grid_table
 from atkd_cache.train import checkpoint
 from atkd_cache.train.align import Aligner, cache_aligner
 from atkd_cache.train.evaluate import bits_per_byte, decode_replies, reply_scores
@@ -345,13 +345,8 @@ def format_report(doc: dict) -> str:
     if doc.get("best_lr"):
         lines += ["", "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):", "",
                   grid_table({**doc, "student": {}})]
-        lrs = cfg["lrs"]
-        edge = [f"{arm} ({lr:g}, the grid's {'smallest' if lr == min(lrs) else 'largest'})"
-                for arm, lr in doc["best_lr"].items() if lr in (min(lrs), max(lrs))]
-        if edge:
-            lines += ["", "Chosen at the grid's edge: " + ", ".join(edge) + ". Their best lr "
-                      "may lie outside the grid; the registration searched these lrs only, "
-                      "the same for every arm."]
+        if grid_edges(doc):
+            lines += ["", grid_edges(doc)]
     st = doc.get("stages", {})
     if st:
         total = sum(st.values())

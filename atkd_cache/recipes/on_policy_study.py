@@ -45,6 +45,7 @@ from atkd_cache.recipes.study_report import (
     PRIMARY,
     _interval,
     _runs,
+    grid_edges,
     grid_table,
     run_value,
     summarize,
@@ -357,7 +358,8 @@ def format_report(doc: dict) -> str:
     parts = [headline(doc), tables(doc, summarize(doc)),
              "What each arm spent (its chosen lr, mean over seeds):\n\n" + budget_table(doc),
              "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):\n\n"
-             + grid_table(doc) if doc.get("best_lr") else "", samples and
+             + grid_table(doc) + (f"\n\n{grid_edges(doc)}" if grid_edges(doc) else "")
+             if doc.get("best_lr") else "", samples and
              "What the students wrote in each round (not registered: a diagnostic read from "
              "the rounds' caches; round r's samples are the policy's before round r trained; "
              "the reverse KL is Σ_t log p_s(y_t) − log p_t(y_t) over a sampled reply, the "

@@ -693,6 +693,16 @@ def fill(text: str, generated: dict[str, str], tag: str = "study") -> str:
     return text
 
 
+def grid_edges(doc: dict) -> str:
+    """A note on the arms whose lr was chosen at an end of the grid ("" when none)."""
+    lrs = doc["config"]["lrs"]
+    edge = [f"{arm} ({lr:g}, the grid's {'smallest' if lr == min(lrs) else 'largest'})"
+            for arm, lr in doc.get("best_lr", {}).items() if lr in (min(lrs), max(lrs))]
+    return ("Chosen at the grid's edge: " + ", ".join(edge) + ". Their best lr may lie "
+            "outside the grid; the registration searched these lrs only, the same for every "
+            "arm.") if edge else ""
+
+
 def block(text: str, tag: str, name: str) -> str | None:
     """The body of text's `<!-- TAG:NAME -->` block (None when it has none)."""
     m = re.search(rf"<!-- {tag}:{name} -->\n(.*?)\n<!-- /{tag}:{name} -->", text, re.S)
