@@ -318,7 +318,12 @@ def check_crosstok_study(workdir: Path) -> None:
     recomputed here."""
     from atkd_cache.fingerprint import tokenizer_fingerprint
     from atkd_cache.models import load_tokenizer
-    from atkd_cache.recipes.crosstok_study import DESIGN, format_report, run_crosstok_study
+    from atkd_cache.recipes.crosstok_study import (
+        DESIGN,
+        format_report,
+        headline,
+        run_crosstok_study,
+    )
     from atkd_cache.recipes.study_config import CROSSTOK_SMOKE, CrossTokStudyConfig
 
     cfg = CrossTokStudyConfig(**{**CROSSTOK_SMOKE, "workdir": str(workdir),
@@ -358,10 +363,17 @@ def check_crosstok_study(workdir: Path) -> None:
         page.parent.mkdir()
         page.write_text(before)
         r = CliRunner().invoke(main, ["crosstok-study", "--report", cfg.results, "--docs"])
+        assert r.exit_code == 2 and "README.md" in r.output  # its headline's page is missing
+        assert page.read_text() == before  # ... so neither page was written
+        readme, readme_before = workdir / "README.md", (ROOT / "README.md").read_text()
+        readme.write_text(readme_before)
+        r = CliRunner().invoke(main, ["crosstok-study", "--report", cfg.results, "--docs"])
     finally:
         os.chdir(cwd)
     assert r.exit_code == 0, r.output
-    after = page.read_text()
-    assert block(after, "crosstok", "report") == format_report(doc)
-    assert re.sub(r"<!-- crosstok:report -->.*<!-- /crosstok:report -->", "", after, flags=re.S) \
-        == re.sub(r"<!-- crosstok:report -->.*<!-- /crosstok:report -->", "", before, flags=re.S)
+    for path, text, name, printed in ((page, before, "report", format_report(doc)),
+                                      (readme, readme_before, "headline", headline(doc))):
+        after = path.read_text()
+        assert block(after, "crosstok", name) == printed
+        outside = rf"<!-- crosstok:{name} -->.*<!-- /crosstok:{name} -->"
+        assert re.sub(outside, "", after, flags=re.S) == re.sub(outside, "", text, flags=re.S)

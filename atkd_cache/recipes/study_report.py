@@ -709,8 +709,8 @@ def block(text: str, tag: str, name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def write_block(page: str, tag: str, name: str, body: str) -> None:
-    """Rewrite one generated block of a docs page in place (it must exist)."""
+def filled_page(page: str, tag: str, name: str, body: str) -> str:
+    """A docs page's text with one generated block rewritten (the block must exist)."""
     try:
         with open(page) as f:
             text = f.read()
@@ -719,21 +719,25 @@ def write_block(page: str, tag: str, name: str, body: str) -> None:
                         f"root") from None
     if block(text, tag, name) is None:
         raise UserError(f"{page} has no <!-- {tag}:{name} --> block to fill")
-    with open(page, "w") as f:
-        f.write(fill(text, {name: body}, tag))
+    return fill(text, {name: body}, tag)
 
 
 def registered_report(recipe, results: str | None, docs: bool) -> str:
     """A registered run's report (`recipe`: its module, with format_report, headline,
     load_results, DOCS_BLOCK and README_BLOCK) printed from a results file; with `docs`, also
-    written into its docs block, and its headline into the README's block."""
+    written into its docs block, and its headline into the README's block (both pages are
+    read and checked before either is written)."""
     if not results:
         raise UserError("--docs writes the report of a results file: give --report RESULTS")
     doc = recipe.load_results(results)
     text = recipe.format_report(doc)
     if docs:
-        write_block(*recipe.DOCS_BLOCK, text)
-        write_block(*recipe.README_BLOCK, recipe.headline(doc))
+        pages = [(recipe.DOCS_BLOCK[0], filled_page(*recipe.DOCS_BLOCK, text)),
+                 (recipe.README_BLOCK[0], filled_page(*recipe.README_BLOCK,
+                                                      recipe.headline(doc)))]
+        for page, filled in pages:
+            with open(page, "w") as f:
+                f.write(filled)
     return text
 
 
