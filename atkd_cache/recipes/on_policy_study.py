@@ -288,21 +288,19 @@ def budget_table(doc: dict) -> str:
 
 
 def samples_table(doc: dict) -> str:
-    """Each on-policy arm's samples round by round, at its chosen lr, mean over the seeds
-    whose run folders were read (sample_stats)."""
-    lines = ["| arm | round | seeds | replies stopped | reply tokens | reverse KL per reply "
+    """Each on-policy arm's samples round by round, per seed at its chosen lr, for the runs
+    whose round folders were read (sample_stats)."""
+    lines = ["| arm | seed | round | replies stopped | reply tokens | reverse KL per reply "
              "(nats) | per token | median grad norm in its training |",
              "|---|---|---|---|---|---|---|---|"]
     for arm in doc["config"]["arms"]:
         lr = doc.get("best_lr", {}).get(arm)
-        runs = [r["samples"] for k, r in doc["runs"].items()
-                if lr is not None and k.startswith(f"teacher/{arm}/lr{lr:g}/") and "samples" in r]
-        for rnd in sorted(runs[0], key=int) if runs else []:
-            cells = [np.mean([r[rnd][m] for r in runs]) for m in
-                     ("stopped", "reply_tokens", "rkl_per_reply", "rkl_per_token",
-                      "grad_norm_median")]
-            lines.append(f"| {arm} | {rnd} | {len(runs)} | {cells[0]:.3f} | {cells[1]:.1f} | "
-                         f"{cells[2]:.1f} | {cells[3]:.3f} | {cells[4]:.1f} |")
+        for seed in doc["config"]["seeds"]:
+            run = doc["runs"].get(f"teacher/{arm}/lr{lr:g}/seed{seed}") if lr else None
+            for rnd, v in sorted((run or {}).get("samples", {}).items(), key=lambda x: int(x[0])):
+                lines.append(f"| {arm} | {seed} | {rnd} | {v['stopped']:.3f} | "
+                             f"{v['reply_tokens']:.1f} | {v['rkl_per_reply']:.1f} | "
+                             f"{v['rkl_per_token']:.3f} | {v['grad_norm_median']:.1f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
