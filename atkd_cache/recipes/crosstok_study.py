@@ -286,9 +286,10 @@ def summarize(doc: dict) -> dict:
     return out
 
 
-def headline(doc: dict) -> str:
-    """The gate, the primary comparison and its verdict (the README's block)."""
-    cfg, s = doc["config"], summarize(doc)
+def headline(doc: dict, summary: dict | None = None) -> str:
+    """The gate, the primary comparison and its verdict (the README's block); `summary`:
+    summarize(doc) when the caller has it."""
+    cfg, s = doc["config"], summary or summarize(doc)
     lines = []
     gate = s.get("headroom")
     if gate:
@@ -317,7 +318,7 @@ def format_report(doc: dict) -> str:
     cfg, s = doc["config"], summarize(doc)
     metrics = [*PROMPT_METRICS, *BPB]
     labels = {**PROMPT_METRICS, **BPB}
-    lines = [headline(doc)]
+    lines = [headline(doc, s)]
     if s["table"]:
         seeds = max(int(r[PRIMARY][2]) for r in s["table"].values())
         lines += ["", f"Test split, {seeds} seed(s) (mean ± std over seeds); the student "
@@ -345,8 +346,9 @@ def format_report(doc: dict) -> str:
     if doc.get("best_lr"):
         lines += ["", "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):", "",
                   grid_table({**doc, "student": {}})]
-        if grid_edges(doc):
-            lines += ["", grid_edges(doc)]
+        edges = grid_edges(doc)
+        if edges:
+            lines += ["", edges]
     st = doc.get("stages", {})
     if st:
         total = sum(st.values())

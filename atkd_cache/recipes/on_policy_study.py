@@ -51,6 +51,7 @@ from atkd_cache.recipes.study_report import (
     summarize,
     tables,
 )
+from atkd_cache.train.evaluate import reply_shape, stop_ids
 
 DESIGN = "on-policy-1"
 DOCS_BLOCK = ("docs/on-policy.md", "on-policy", "report")  # `--report FILE --docs`
@@ -137,19 +138,20 @@ def sample_stats(folder: str, rounds: int, stops: set[int]) -> dict[str, dict]:
     for r in range(1, rounds + 1):
         at = os.path.join(folder, f"round-{r:03d}")
         behaviour = {s.seq_id: s for s in open_cache(os.path.join(at, "rollouts"))}
-        gaps, stopped = [], []
+        gaps, replies = [], []
         for t in open_cache(os.path.join(at, "teacher")):
             s = behaviour[t.seq_id]
             if not np.array_equal(s.input_ids, t.input_ids):
                 raise UserError(f"{at}: the teacher's cache and the rollouts differ in "
                                 f"sequence {t.seq_id}: the round folder is damaged")
             gaps.append(s.target_logprob.astype(np.float64) - t.target_logprob)
-            stopped.append(len(t.target_ids) > 0 and int(t.target_ids[-1]) in stops)
+            replies.append(t.target_ids.tolist())
+        shape = reply_shape(replies, stops)
         with open(os.path.join(at, "train", "metrics.jsonl")) as f:
             norms = [json.loads(line)["grad_norm"] for line in f if line.strip()]
         out[str(r)] = {"replies": len(gaps), "grad_norm_median": float(np.median(norms)),
-                       "reply_tokens": float(np.mean([len(g) for g in gaps])),
-                       "stopped": float(np.mean(stopped)),
+                       "reply_tokens": float(np.mean(shape["reply_tokens"])),
+                       "stopped": float(np.mean(shape["stopped"])),
                        "rkl_per_reply": float(np.mean([g.sum() for g in gaps])),
                        "rkl_per_token": float(np.concatenate(gaps).mean())}
     return out
@@ -159,13 +161,12 @@ def add_sample_stats(cfg: OnPolicyStudyConfig, doc: dict, stops: set[int]) -> No
     """Fill in `sample_stats` for the on-policy runs of `doc` that lack it and whose run
     folder is still on disk (a run folder from another checkout is not)."""
     for key, run in doc["runs"].items():
-        _, arm, lr, seed = key.split("/")
+        arm = key.split("/")[1]
         if arm == "offpolicy-kd" or "samples" in run:
             continue
-        folder = run_folder(cfg, arm, float(lr[2:]), int(seed[4:]))
-        if os.path.exists(os.path.join(folder, f"round-{arm_rounds(cfg, arm):03d}",
-                                       "train", "model")):
-            run["samples"] = sample_stats(folder, arm_rounds(cfg, arm), stops)
+        if os.path.exists(os.path.join(run["out"], "model")):  # (the last round's student)
+            run["samples"] = sample_stats(run_folder(cfg, arm, run["lr"], run["seed"]),
+                                          arm_rounds(cfg, arm), stops)
 
 
 def train_rounds(cfg: OnPolicyStudyConfig, arm: str, lr: float, seed: int, student: str,
@@ -211,7 +212,6 @@ def train_offpolicy(cfg: OnPolicyStudyConfig, lr: float, seed: int, student: str
 def run_on_policy_study(cfg: OnPolicyStudyConfig, log=print) -> dict:
     """Run (or continue) every stage; returns the results document."""
     from atkd_cache.models import load_tokenizer
-    from atkd_cache.train.evaluate import stop_ids
 
     check(cfg)
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -304,9 +304,10 @@ def samples_table(doc: dict) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def headline(doc: dict) -> str:
-    """The gate, the primary comparison (bootstrap and t over seed means), the verdict."""
-    summary = summarize(doc)
+def headline(doc: dict, summary: dict | None = None) -> str:
+    """The gate, the primary comparison (bootstrap and t over seed means), the verdict;
+    `summary`: summarize(doc) when the caller has it."""
+    summary = summary or summarize(doc)
     cfg = doc["config"]
     lines = []
     gate = summary.get("headroom")
@@ -347,23 +348,26 @@ def headline(doc: dict) -> str:
 
 def format_report(doc: dict) -> str:
     """The comparison's report as Markdown, every figure from the results file."""
+    summary = summarize(doc)
     st = doc.get("stages", {})
     times = ["| stage | seconds |", "|---|---|"] + [
         f"| {k} {STAGES.get(k, '')} | {v:,.0f} |" for k, v in sorted(st.items())]
     total = sum(st.values())
-    samples = samples_table(doc)
     times.append(f"| **total** | **{total:,.0f}** ({total / 3600:.2f} h) |")
-    parts = [headline(doc), tables(doc, summarize(doc)),
+    grid = ""
+    if doc.get("best_lr"):
+        grid = ("Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):\n\n"
+                + "\n\n".join(p for p in (grid_table(doc), grid_edges(doc)) if p))
+    samples = samples_table(doc)
+    if samples:
+        samples = ("What the students wrote in each round (not registered: a diagnostic read "
+                   "from the rounds' caches; round r's samples are the policy's before round r "
+                   "trained; the reverse KL is Σ_t log p_s(y_t) − log p_t(y_t) over a sampled "
+                   "reply, the quantity `rkl-tokens` minimises, in expectation; the gradient "
+                   "norms are before clipping at the trainer's default of 1):\n\n" + samples)
+    parts = [headline(doc, summary), tables(doc, summary),
              "What each arm spent (its chosen lr, mean over seeds):\n\n" + budget_table(doc),
-             "Learning-rate grid (validation ROUGE-L vs the teacher, seed 0):\n\n"
-             + grid_table(doc) + (f"\n\n{grid_edges(doc)}" if grid_edges(doc) else "")
-             if doc.get("best_lr") else "", samples and
-             "What the students wrote in each round (not registered: a diagnostic read from "
-             "the rounds' caches; round r's samples are the policy's before round r trained; "
-             "the reverse KL is Σ_t log p_s(y_t) − log p_t(y_t) over a sampled reply, the "
-             "quantity `rkl-tokens` minimises, in expectation; the gradient norms are "
-             "before clipping at the trainer's default of 1):\n\n" + samples,
-             "\n".join(times)]
+             grid, samples, "\n".join(times)]
     return "\n\n".join(p for p in parts if p)
 
 
