@@ -11,13 +11,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from atkd_cache import tiny
-from atkd_cache.cache import open_cache
+from atkd_cache.cache import open_cache, writer
 from atkd_cache.cache.inspect import verify_cache
+from atkd_cache.cache.reader import read_manifest
+from atkd_cache.cache.writer import CacheWriter
+from atkd_cache.errors import UserError
 from atkd_cache.train.loader import CacheDataset, LoaderConfig, make_loader
 from conftest import dump
 
@@ -154,3 +158,44 @@ def test_two_ranks_write_one_s3_cache(assets, s3, tmp_path):
     assert verify_cache(open_cache(url)) == []
     s3["fs"].invalidate_cache()
     assert not s3["fs"].exists("caches/ranks/cache/parts")
+
+
+class StaleListing(CacheWriter):
+    """A writer that finds no card, as a rank does whose object-store listing predates the
+    other rank's put of it."""
+
+    def _exists(self, *parts: str) -> bool:
+        return parts != ("zarr.json",) and super()._exists(*parts)
+
+    def _listdir(self, *parts: str) -> list[str]:
+        return [n for n in super()._listdir(*parts) if parts or n != "zarr.json"]
+
+
+def test_a_rank_that_misses_the_card_keeps_the_one_put_first(assets, tmp_path, monkeypatch):
+    # CI once saw two ranks on S3 both create zarr.json: the manifest's card digest was
+    # taken of one, the other stayed, and the finished cache read as damaged
+    monkeypatch.setattr(writer, "CARD_WAIT_S", 0.0)  # no head start for rank 0: the race
+    dump(assets, tmp_path / "c", limit=2)
+    card = open_cache(tmp_path / "c").card
+    url = "memory://atkd-race/card"
+    with CacheWriter(url, replace(card, created_at="first"), rank=0, world_size=2):
+        pass
+    with StaleListing(url, replace(card, created_at="second"), rank=1, world_size=2) as late:
+        assert late.card.created_at == "first"
+    assert open_cache(url, check=False).card.created_at == "first"
+    with pytest.raises(UserError, match="top_k is 8 in the cache but 4 now"):
+        StaleListing(url, replace(card, top_k=4), rank=1, world_size=2).open()
+
+
+def test_ranks_on_an_object_store_put_only_the_whole_manifest(assets, tmp_path):
+    # Two ranks' puts of a growing prefix can land out of order there (no lock orders
+    # them); a short one landing after the cache is marked complete would damage it.
+    dump(assets, tmp_path / "local", shape="chat", shard_positions=100)
+    url = "memory://atkd-ranks/cache"
+    dump(assets, url, shape="chat", shard_positions=100, rank=0, world_size=2)
+    assert len(read_manifest(url)) == 0  # rank 0 committed its shards to its part only
+    assert open_cache(url).status == "partial" and len(open_cache(url)) == 0
+    dump(assets, url, shape="chat", shard_positions=100, rank=1, world_size=2)
+    assert len(read_manifest(url)) == len(open_cache(tmp_path / "local").shard_rows) >= 4
+    same_arrays(url, tmp_path / "local")
+    assert verify_cache(open_cache(url)) == []

@@ -18,7 +18,16 @@ CACHE/.lock exclusively) excludes them all. A rank re-run alone continues its ow
 At an fsspec URL (s3://, gs://, memory:// ...) the same protocol runs without steps 1-2's
 rename (object stores have none): a shard's objects are written in place and become part of
 the cache when a manifest, put as one object, lists them. Object stores have no flock
-either: there, running two writers for the same rank slot is the user's to avoid.
+either, so the steps that the merge lock orders on a local disk are made safe otherwise:
+  - the card (zarr.json) of a new cache is left to rank 0 for up to CARD_WAIT_S, then
+    created with an exclusive put (S3's If-None-Match): when two ranks both find no card,
+    one put wins and the other rank adopts the stored card, so the manifests' card digest
+    is always taken of the card that is there;
+  - with several ranks, manifest.parquet is put only when it lists every planned shard (then
+    every rank that puts it puts the same bytes): two ranks' rewrites of a prefix could land
+    out of order, and a stale one landing after the cache was marked complete would leave
+    it damaged. While ranks run, readers there see no shards; the part manifests resume.
+Running two writers for the same rank slot there is the user's to avoid.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,6 +74,9 @@ from atkd_cache.cache.schema import (
     round_for_encoding,
 )
 from atkd_cache.errors import UserError, first_line
+
+# How long a rank > 0 waits for rank 0 to create the card of a new cache on an object store.
+CARD_WAIT_S = 60.0
 
 
 def shard_name(index: int) -> str:
@@ -198,8 +211,10 @@ class CacheWriter:
     def _rm(self, *parts: str) -> None:
         if self.remote:
             where = "/".join([self.base, *parts])
-            if self.fs.exists(where):
+            try:
                 self.fs.rm(where, recursive=True)
+            except FileNotFoundError:  # never there, or another rank removed it first
+                pass
         else:
             shutil.rmtree(self.root.joinpath(*parts), ignore_errors=True)
 
@@ -276,25 +291,18 @@ class CacheWriter:
             raise
 
     def _open_locked(self) -> None:
-        if self._exists("zarr.json"):
-            attrs = self._stored_card()
-            existing = CacheCard.from_attrs(attrs, where=self.url)
-            diff = existing.first_difference(self.card)
-            if diff is not None:
-                key, old, new = diff
-                if key == "teacher_probe":  # two lists of numbers: say what they mean
-                    raise UserError(
-                        f"{self.url} was made by a served teacher that computes differently "
-                        f"from this one (teacher_probe: {probe_gap(old, new)}): serve the "
-                        f"cache's teacher as it was (weights, --dtype, build), or use another "
-                        f"output folder")
-                raise UserError(
-                    f"{self.url} was made with a different configuration: {key} is {old!r} in "
-                    f"the cache but {new!r} now; use another output folder or the same settings"
-                )
-            self.card = existing  # keep the original creation time
-        else:
-            self._create_root()
+        # On an object store another rank may create the card between the check and the put
+        # (or this client's listing may be stale): the exclusive put then fails and the
+        # stored card is the one to keep, as when it was found here. Ranks > 0 first give
+        # rank 0 a moment to create it, for stores whose put cannot be exclusive.
+        if self.remote and self.rank > 0:
+            deadline = time.monotonic() + CARD_WAIT_S
+            while not self._exists("zarr.json") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                self.fs.invalidate_cache()
+        created = not self._exists("zarr.json") and self._create_root()
+        if not created:
+            self._adopt_stored_card()
         self.card_attrs = self._stored_card()  # what the manifests' card digest is taken of
         mine = self._exists(PARTS_DIR, self.part_name)
         self._mine = self._read_parquet(PARTS_DIR, self.part_name) if mine else []
@@ -306,6 +314,24 @@ class CacheWriter:
             if not self.remote:
                 (self.root / PARTS_DIR).mkdir(exist_ok=True)
             self._put_parquet([], PARTS_DIR, self.part_name)
+
+    def _adopt_stored_card(self) -> None:
+        """Check that the stored card matches this writer's, then keep the stored one."""
+        existing = CacheCard.from_attrs(self._stored_card(), where=self.url)
+        diff = existing.first_difference(self.card)
+        if diff is not None:
+            key, old, new = diff
+            if key == "teacher_probe":  # two lists of numbers: say what they mean
+                raise UserError(
+                    f"{self.url} was made by a served teacher that computes differently "
+                    f"from this one (teacher_probe: {probe_gap(old, new)}): serve the "
+                    f"cache's teacher as it was (weights, --dtype, build), or use another "
+                    f"output folder")
+            raise UserError(
+                f"{self.url} was made with a different configuration: {key} is {old!r} in "
+                f"the cache but {new!r} now; use another output folder or the same settings"
+            )
+        self.card = existing  # keep the original creation time
 
     def _stored_card(self) -> dict:
         """The card as stored in the root zarr.json."""
@@ -319,13 +345,25 @@ class CacheWriter:
         """Rows committed by any writer: the manifest and every part manifest, by index."""
         if self.remote:  # other ranks' puts are not in this client's listing cache
             self.fs.invalidate_cache()
-        rows = {row["index"]: row for row in read_manifest(self._url()).to_pylist()}
+        # Parts before the manifest: a part can vanish after it is listed only when the last
+        # writer has put the whole manifest and is removing parts/, and the manifest read
+        # after it then lists everything.
+        rows = {}
         for name in sorted(self._listdir(PARTS_DIR)):
             if name.endswith(".parquet"):
-                rows.update({row["index"]: row for row in self._read_parquet(PARTS_DIR, name)})
+                try:
+                    part = self._read_parquet(PARTS_DIR, name)
+                except UserError:
+                    if self._exists(PARTS_DIR, name):
+                        raise
+                    continue  # removed meanwhile (see above)
+                rows.update({row["index"]: row for row in part})
+        rows.update({row["index"]: row for row in read_manifest(self._url()).to_pylist()})
         return [rows[i] for i in sorted(rows)]
 
-    def _create_root(self) -> None:
+    def _create_root(self) -> bool:
+        """Write the card and the empty shards group; False if another writer's card got
+        there first (an object store, where ranks are not ordered by the merge lock)."""
         # The root zarr.json (holding the card) is what makes a folder a cache, so it is
         # written last and renamed into place: a kill never leaves a card without `shards/`.
         try:
@@ -341,10 +379,15 @@ class CacheWriter:
         with tempfile.TemporaryDirectory() as staging:
             zarr.open_group(staging, mode="w", attributes=self.card.to_attrs())
             if self.remote:
-                self.fs.put_file(os.path.join(staging, "zarr.json"), f"{self.base}/zarr.json")
+                card = Path(staging, "zarr.json").read_bytes()
+                try:
+                    self.fs.pipe_file(f"{self.base}/zarr.json", card, mode="create")
+                except FileExistsError:
+                    return False
             else:
                 shutil.move(os.path.join(staging, "zarr.json"), self.root / "zarr.json.new")
                 os.replace(self.root / "zarr.json.new", self.root / "zarr.json")
+        return True
 
     def _take_locks(self) -> None:
         single = self.world_size == 1
@@ -490,6 +533,8 @@ class CacheWriter:
         with self._merge_lock():
             self.committed = self._all_rows()
             prefix = committed_prefix(self.committed)
+            if self.remote and self.world_size > 1 and len(prefix) < self.card.planned_shards:
+                return  # only the whole manifest is put there (see the module docstring)
             if len(prefix) > len(read_manifest(self._url())):
                 self._put_parquet(prefix, MANIFEST_FILE)
 
