@@ -124,6 +124,19 @@ def test_rerun_is_a_noop_and_other_config_is_refused(assets, tmp_path):
         dump(assets, tmp_path / "c", hard_ratio=0.3)
 
 
+def test_another_ranks_write_probe_is_no_strangers_file(assets, tmp_path):
+    dump(assets, tmp_path / "c", limit=2)
+    card = open_cache(tmp_path / "c").card
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / ".write-probe.4242").touch()  # rank 1 checking it may write here
+    with CacheWriter(tmp_path / "new", card, rank=0, world_size=2) as writer:
+        assert writer.card.identity == card.identity
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").touch()
+    with pytest.raises(UserError, match="exists and is not an atkd-cache cache"):
+        CacheWriter(tmp_path / "other", card).open()
+
+
 def test_second_writer_is_refused(assets, tmp_path):
     dump(assets, tmp_path / "c", limit=2)
     card = open_cache(tmp_path / "c").card

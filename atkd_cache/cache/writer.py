@@ -75,6 +75,9 @@ from atkd_cache.cache.schema import (
 )
 from atkd_cache.errors import UserError, first_line
 
+# The file each writer touches to learn early whether it may write the folder; another
+# rank's listing can see it.
+PROBE_PREFIX = ".write-probe."
 # How long a rank > 0 waits for rank 0 to create the card of a new cache on an object store.
 CARD_WAIT_S = 60.0
 
@@ -268,15 +271,21 @@ class CacheWriter:
                 self.fs.makedirs(self.base, exist_ok=True)
             else:
                 self.root.mkdir(parents=True, exist_ok=True)
-                probe = self.root / f".write-probe.{os.getpid()}"
+                probe = self.root / f"{PROBE_PREFIX}{os.getpid()}"
                 probe.touch()
                 probe.unlink()
         except OSError as e:
             reason = e.strerror or str(e)
             raise UserError(f"cannot write the cache at {self.url}: {reason}") from None
+        # One listing decides: another rank may put the card between two looks (an exists
+        # check, then a listing that shows the new card as a stranger)
         allowed = (TMP_DIR, SHARDS_GROUP, PARTS_DIR, TOKENIZER_DIR)
-        if not self._exists("zarr.json") and any(
-            name not in allowed and not name.startswith(LOCK_FILE) for name in self._listdir()
+        if self.remote:
+            self.fs.invalidate_cache()
+        names = self._listdir()
+        if "zarr.json" not in names and any(
+            name not in allowed and not name.startswith((LOCK_FILE, PROBE_PREFIX))
+            for name in names
         ):
             raise UserError(
                 f"{self.url} exists and is not an atkd-cache cache: choose an empty or new folder"
