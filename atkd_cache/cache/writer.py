@@ -387,15 +387,14 @@ class CacheWriter:
             self._put_bytes(data, TOKENIZER_DIR, name)
         with tempfile.TemporaryDirectory() as staging:
             zarr.open_group(staging, mode="w", attributes=self.card.to_attrs())
-            if self.remote:
-                card = Path(staging, "zarr.json").read_bytes()
-                try:
-                    self.fs.pipe_file(f"{self.base}/zarr.json", card, mode="create")
-                except FileExistsError:
-                    return False
-            else:
-                shutil.move(os.path.join(staging, "zarr.json"), self.root / "zarr.json.new")
-                os.replace(self.root / "zarr.json.new", self.root / "zarr.json")
+            card = Path(staging, "zarr.json").read_bytes()
+        if not self.remote:  # temp file under .tmp/, fsync, rename: never half a card
+            self._put_bytes(card, "zarr.json")
+            return True
+        try:
+            self.fs.pipe_file(f"{self.base}/zarr.json", card, mode="create")
+        except FileExistsError:
+            return False
         return True
 
     def _take_locks(self) -> None:
