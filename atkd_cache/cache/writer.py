@@ -310,9 +310,9 @@ class CacheWriter:
                 time.sleep(0.5)
                 self.fs.invalidate_cache()
         created = not self._exists("zarr.json") and self._create_root()
-        if not created:
-            self._adopt_stored_card()
         self.card_attrs = self._stored_card()  # what the manifests' card digest is taken of
+        if not created:
+            self._adopt_card(self.card_attrs)
         mine = self._exists(PARTS_DIR, self.part_name)
         self._mine = self._read_parquet(PARTS_DIR, self.part_name) if mine else []
         self.committed = self._all_rows()
@@ -324,9 +324,9 @@ class CacheWriter:
                 (self.root / PARTS_DIR).mkdir(exist_ok=True)
             self._put_parquet([], PARTS_DIR, self.part_name)
 
-    def _adopt_stored_card(self) -> None:
+    def _adopt_card(self, stored: dict) -> None:
         """Check that the stored card matches this writer's, then keep the stored one."""
-        existing = CacheCard.from_attrs(self._stored_card(), where=self.url)
+        existing = CacheCard.from_attrs(stored, where=self.url)
         diff = existing.first_difference(self.card)
         if diff is not None:
             key, old, new = diff
