@@ -313,9 +313,10 @@ def headline(doc: dict, summary: dict | None = None) -> str:
     return "\n".join(lines) or "(no runs scored yet)"
 
 
-def format_report(doc: dict) -> str:
-    """The report as Markdown, every figure from the results file."""
-    cfg, s = doc["config"], summarize(doc)
+def format_report(doc: dict, summary: dict | None = None) -> str:
+    """The report as Markdown, every figure from the results file; `summary`: summarize(doc)
+    when the caller has it."""
+    cfg, s = doc["config"], summary or summarize(doc)
     metrics = [*PROMPT_METRICS, *BPB]
     labels = {**PROMPT_METRICS, **BPB}
     lines = [headline(doc, s)]

@@ -346,9 +346,10 @@ def headline(doc: dict, summary: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_report(doc: dict) -> str:
-    """The comparison's report as Markdown, every figure from the results file."""
-    summary = summarize(doc)
+def format_report(doc: dict, summary: dict | None = None) -> str:
+    """The comparison's report as Markdown, every figure from the results file; `summary`:
+    summarize(doc) when the caller has it."""
+    summary = summary or summarize(doc)
     st = doc.get("stages", {})
     times = ["| stage | seconds |", "|---|---|"] + [
         f"| {k} {STAGES.get(k, '')} | {v:,.0f} |" for k, v in sorted(st.items())]

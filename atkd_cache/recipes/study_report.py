@@ -723,18 +723,19 @@ def filled_page(page: str, tag: str, name: str, body: str) -> str:
 
 
 def registered_report(recipe, results: str | None, docs: bool) -> str:
-    """A registered run's report (`recipe`: its module, with format_report, headline,
-    load_results, DOCS_BLOCK and README_BLOCK) printed from a results file; with `docs`, also
-    written into its docs block, and its headline into the README's block (both pages are
-    read and checked before either is written)."""
+    """A registered run's report (`recipe`: its module, with summarize, format_report,
+    headline, load_results, DOCS_BLOCK and README_BLOCK) printed from a results file; with
+    `docs`, also written into its docs block, and its headline into the README's block (both
+    pages are read and checked before either is written)."""
     if not results:
         raise UserError("--docs writes the report of a results file: give --report RESULTS")
     doc = recipe.load_results(results)
-    text = recipe.format_report(doc)
+    summary = recipe.summarize(doc)  # the bootstraps, once for the report and the headline
+    text = recipe.format_report(doc, summary)
     if docs:
         pages = [(recipe.DOCS_BLOCK[0], filled_page(*recipe.DOCS_BLOCK, text)),
                  (recipe.README_BLOCK[0], filled_page(*recipe.README_BLOCK,
-                                                      recipe.headline(doc)))]
+                                                      recipe.headline(doc, summary)))]
         for page, filled in pages:
             with open(page, "w") as f:
                 f.write(filled)
